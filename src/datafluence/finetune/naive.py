@@ -1,0 +1,51 @@
+"""The reference: copy the model, fine-tune it with a stock torch optimizer, measure.
+
+Slow (one example at a time) but obviously right; the batched engine is tested against it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from datafluence.finetune.recipe import FinetuneRecipe
+from datafluence.tasks import Task, eval_mode
+
+
+def finetune_copy(
+    model: nn.Module,
+    task: Task,
+    recipe: FinetuneRecipe,
+    batch: Mapping[str, Tensor],
+    label: str = "",
+) -> nn.Module:
+    """A fine-tuned deep copy of `model` after `recipe.steps` steps on `batch` (mean loss)."""
+    tuned = copy.deepcopy(model).eval()
+    names = set(recipe.trainable_names(tuned))
+    params = []
+    for name, p in tuned.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            params.append(p)
+    opt = recipe.torch_optimizer(params)
+    for t in range(recipe.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(tuned, batch).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at fine-tuning step {t + 1} on {label or 'a group'}; "
+                "lower the learning rate or check the example"
+            )
+        loss.backward()
+        opt.step()
+    return tuned
+
+
+@torch.no_grad()
+def measure(model: nn.Module, task: Task, batch: Mapping[str, Tensor]) -> Tensor:
+    """Per-example measurements of `batch` under `model` in eval mode."""
+    with eval_mode(model):
+        return task.measure(model, batch)
