@@ -95,26 +95,24 @@ class Scores:
         return pd.DataFrame(self.values, index=list(self.train_ids), columns=list(self.query_ids))
 
     def save(self, directory: str | Path) -> Path:
-        """Write scores.npy (+ parts) and the method/settings/ids into meta.json, atomically."""
+        """Write scores.npy (+ parts) and, under meta.json's "scores" key, the method,
+        settings and ids; every file atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         store.atomic_save_npy(directory / "scores.npy", self.values)
         for name, part in self.parts.items():
             store.atomic_save_npy(directory / f"parts.{name}.npy", np.asarray(part))
-        meta = (
-            store.read_json(directory / "meta.json") if (directory / "meta.json").exists() else {}
-        )
-        meta.update(
-            {
+        # Under its own key: a run directory's top-level "settings" belong to the run.
+        store.RunDir(directory).update_meta(
+            scores={
                 "method": self.method,
                 "settings": _jsonable(self.settings),
-                "train_ids": list(self.train_ids),
-                "query_ids": list(self.query_ids),
                 "shape": list(self.values.shape),
                 "parts": sorted(self.parts),
+                "train_ids": list(self.train_ids),
+                "query_ids": list(self.query_ids),
             }
         )
-        store.atomic_write_json(directory / "meta.json", meta)
         return directory
 
     @classmethod
@@ -127,7 +125,9 @@ class Scores:
                 f"{directory} holds no scores (scores.npy and meta.json are needed); "
                 "is it a finished run directory?"
             )
-        meta = store.read_json(meta_path)
+        meta = store.read_json(meta_path).get("scores")
+        if meta is None:
+            raise FileNotFoundError(f"{meta_path} describes no scores; was the run finished?")
         values = np.load(directory / "scores.npy", mmap_mode="r" if mmap else None)
         parts = {
             name: np.load(directory / f"parts.{name}.npy", mmap_mode="r" if mmap else None)

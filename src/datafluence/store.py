@@ -31,7 +31,7 @@ class RunMismatchError(RuntimeError):
 
 
 @contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,7 +45,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -54,7 +54,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
-    with _atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(array))
 
 
@@ -274,9 +274,9 @@ class RunDir:
             return np.load(dest, mmap_mode="r")
         return out
 
-    def drop_partitions(self, name: str) -> None:
-        """Free the disk once the assembled result is saved."""
-        shutil.rmtree(self.path / "partitions" / name, ignore_errors=True)
+    def drop_partitions(self, name: str | None = None) -> None:
+        """Free the disk once the assembled result is saved (all partitions when no name)."""
+        shutil.rmtree(self.path / "partitions" / (name or ""), ignore_errors=True)
         parent = self.path / "partitions"
         if parent.exists() and not any(parent.iterdir()):
             parent.rmdir()

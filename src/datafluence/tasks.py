@@ -96,8 +96,25 @@ class Task(ABC):
         if len(examples) == 0:
             raise ValueError(f"the {role} set is empty; give at least one example")
 
-    def check_model(self, model: ModelFn, examples: Examples, role: str = "examples") -> None:
-        """Raise a clear error if the model cannot take these examples (called once, eagerly)."""
+    def check_model(self, model: ModelFn, examples: Examples, role: str = "examples") -> Tensor:
+        """Run one example through the model eagerly, turning shape errors into clear ones.
+
+        Returns that example's raw output so subclasses can check it further.
+        """
+        batch = examples[:1].tensors
+        try:
+            with torch.no_grad(), _maybe_eval(model):
+                return self.outputs(model, batch)
+        except (RuntimeError, ValueError, IndexError) as err:
+            shapes = {k: tuple(v.shape[1:]) for k, v in examples.tensors.items()}
+            raise ValueError(
+                f"the model cannot run on the {role}: per-example shapes {shapes} gave: {err} "
+                "Make the inputs match what the model was built for."
+            ) from err
+
+    @abstractmethod
+    def outputs(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        """The model's raw output on a batch, checked for shape."""
 
     def settings(self) -> dict[str, Any]:
         return {"task": type(self).__name__, "measurement": self.measurement}
@@ -152,7 +169,7 @@ class ClassificationTask(Task):
         if not torch.isfinite(examples.tensors["x"].float()).all():
             raise ValueError(f"{role} inputs contain NaN or Inf; clean them first")
 
-    def _logits(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+    def outputs(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
         logits = model(batch["x"])
         y = batch["y"]
         if logits.ndim != 2 or logits.shape[0] != y.shape[0]:
@@ -162,23 +179,22 @@ class ClassificationTask(Task):
             )
         return logits
 
-    def check_model(self, model: ModelFn, examples: Examples, role: str = "examples") -> None:
-        """Check labels against the model's output size (outside any vmap: it reads values)."""
-        batch = examples[:1].tensors
-        with torch.no_grad(), _maybe_eval(model):
-            logits = self._logits(model, batch)
+    def check_model(self, model: ModelFn, examples: Examples, role: str = "examples") -> Tensor:
+        """Also check labels against the model's output size (it reads values: no vmap)."""
+        logits = super().check_model(model, examples, role)
         high = int(examples.tensors["y"].max())
         if high >= logits.shape[-1]:
             raise ValueError(
                 f"{role} label {high} is out of range for a model with {logits.shape[-1]} "
                 "outputs; check the labels or the model's output size"
             )
+        return logits
 
     def loss(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(self._logits(model, batch), batch["y"], reduction="none")
+        return F.cross_entropy(self.outputs(model, batch), batch["y"], reduction="none")
 
     def measure(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        logits = self._logits(model, batch)
+        logits = self.outputs(model, batch)
         if self.measurement == "neg_loss":
             return -F.cross_entropy(logits, batch["y"], reduction="none")
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["y"][:, None])[:, 0]

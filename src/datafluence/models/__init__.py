@@ -1,0 +1,6 @@
+"""Reference models and the cached training that produces them."""
+
+from datafluence.models.cnn import SmallCNN
+from datafluence.models.training import TrainRecipe, evaluate_accuracy, train_classifier
+
+__all__ = ["SmallCNN", "TrainRecipe", "evaluate_accuracy", "train_classifier"]

@@ -1,0 +1,35 @@
+"""The small CNN of the Fashion-MNIST -> MNIST experiment."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Fashion-MNIST training-set pixel statistics (inputs scaled to [0, 1]).
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+class SmallCNN(nn.Module):
+    """conv5x5(16) - pool - conv5x5(32) - pool - fc(128) - fc(n_classes), ReLU, ~0.1M params.
+
+    Input normalisation lives inside the model (fixed constants, not buffers) so that any
+    [0, 1] image can be fed as is and fine-tuning never touches it.
+    """
+
+    def __init__(self, n_classes: int = 10, in_channels: int = 1, side: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n_flat = self.features(torch.zeros(1, in_channels, side, side)).shape[1]
+        self.head = nn.Sequential(nn.Linear(n_flat, 128), nn.ReLU(), nn.Linear(128, n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features((x - FASHION_MEAN) / FASHION_STD))
