@@ -1,13 +1,14 @@
 """Many independent fine-tunes at once: stacked parameter copies under torch.func.vmap.
 
 Copy c trains on its own group of examples; one vmapped forward/backward serves all copies
-of a chunk, and one vmapped forward measures every probe under every copy. Memory grows
-with the chunk sizes, never with n_train x n_probe.
+of a chunk, and each copy then measures the probes in batched forwards. Memory grows with
+the chunk sizes, never with n_train x n_probe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -66,18 +67,21 @@ class BatchedFinetuner:
 
     @torch.no_grad()
     def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
-        """Measurements [C, M] of every probe under every stacked copy."""
+        """Measurements [C, M] of every probe under every stacked copy.
 
-        def one(p: Params, batch: Mapping[str, Tensor]) -> Tensor:
-            return self.task.measure(lambda *a: self._call(p, *a), batch)
-
-        per_copy = vmap(one, in_dims=(0, None))
+        A plain loop over copies, each measuring a chunk of probes in one batched forward:
+        on CPU this beats vmap, which turns convolutions with per-copy weights into grouped
+        convolutions that run 2-3x slower per FLOP than the ordinary kernels.
+        """
+        n_copies = next(iter(params.values())).shape[0]
+        chunks = [probes[s : s + probe_chunk].tensors for s in range(0, len(probes), probe_chunk)]
+        rows = []
         with eval_mode(self.model):
-            cols = [
-                per_copy(params, probes[s : s + probe_chunk].tensors)
-                for s in range(0, len(probes), probe_chunk)
-            ]
-        return torch.cat(cols, dim=1)
+            for c in range(n_copies):
+                copy = {k: v[c] for k, v in params.items()}
+                model = partial(self._call, copy)
+                rows.append(torch.cat([self.task.measure(model, chunk) for chunk in chunks]))
+        return torch.stack(rows)
 
 
 def _pad_groups(groups: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
