@@ -8,7 +8,6 @@ abs difference of the two matrices. Run: `.venv/bin/python benchmarks/eif_batche
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -46,9 +45,9 @@ def reference_model() -> tuple[torch.nn.Module, str]:
     return model, "trained CNN" + (" (cached)" if cached else "")
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(method: EmpiricalInfluence, model, items) -> tuple[float, object]:
     start = time.perf_counter()
-    out = fn()
+    out = method.score(model, items, items)
     return time.perf_counter() - start, out
 
 
@@ -76,16 +75,10 @@ def main() -> None:
         items = task.examples(digits.images, torch.full((len(digits),), target), digits.ids)
         for k in (int(s) for s in args.steps.split(",")):
             common = dict(steps=k, lr=args.lr, optimizer="sgd", progress=False)
-            t_naive, naive = timed(
-                lambda: EmpiricalInfluence(task, engine="naive", **common).score(
-                    model, items, items
-                )
-            )
-            t_batched, batched = timed(
-                lambda: EmpiricalInfluence(task, chunk_size=args.chunk_size, **common).score(
-                    model, items, items
-                )
-            )
+            naive_method = EmpiricalInfluence(task, engine="naive", **common)
+            batched_method = EmpiricalInfluence(task, chunk_size=args.chunk_size, **common)
+            t_naive, naive = timed(naive_method, model, items)
+            t_batched, batched = timed(batched_method, model, items)
             diff = float(abs(naive.values - batched.values).max())
             rows.append(
                 {
