@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 # Fashion-MNIST training-set pixel statistics (inputs scaled to [0, 1]).
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+class ChannelsLastReLU(nn.Module):
+    """ReLU that also switches to channels-last layout: CPU max-pooling after it runs ~8x
+    faster there. Values are unchanged.
+
+    Under torch.func.vmap the layout cannot be chosen (NYI in torch 2.13); the tensor passes
+    through unchanged there.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with contextlib.suppress(RuntimeError):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.relu(x)
 
 
 class SmallCNN(nn.Module):
@@ -20,10 +36,10 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, 5),
-            nn.ReLU(),
+            ChannelsLastReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 5),
-            nn.ReLU(),
+            ChannelsLastReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
