@@ -25,11 +25,14 @@ MEASUREMENTS: tuple[str, ...] = ("log_prob", "prob", "neg_loss")
 class Examples:
     """A set of examples as a dict of tensors sharing the leading dimension, plus ids.
 
-    Tensors (not Python objects) so that batches slice cheaply and can be vmapped.
+    Tensors (not Python objects) so that batches slice cheaply and can be vmapped. `items`
+    optionally keeps the raw items (e.g. texts) for methods that rebuild inputs from them,
+    such as in-context (prompted) influence.
     """
 
     tensors: Mapping[str, Tensor]
     ids: tuple[str, ...]
+    items: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -44,20 +47,24 @@ class Examples:
             raise ValueError(f"{len(self.ids)} ids given for {n} examples; give one id per example")
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("example ids must be unique")
+        if self.items is not None and len(self.items) != n:
+            raise ValueError(f"{len(self.items)} raw items given for {n} examples")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: slice | Sequence[int] | Tensor) -> Examples:
         if isinstance(index, slice):
-            ids = self.ids[index]
-            return Examples({k: v[index] for k, v in self.tensors.items()}, ids)
-        idx = torch.as_tensor(index, dtype=torch.long)
-        ids = tuple(self.ids[i] for i in idx.tolist())
-        return Examples({k: v[idx] for k, v in self.tensors.items()}, ids)
+            items = None if self.items is None else self.items[index]
+            return Examples({k: v[index] for k, v in self.tensors.items()}, self.ids[index], items)
+        idx = torch.as_tensor(index, dtype=torch.long).tolist()
+        ids = tuple(self.ids[i] for i in idx)
+        items = None if self.items is None else tuple(self.items[i] for i in idx)
+        tensors = {k: v[torch.as_tensor(idx, dtype=torch.long)] for k, v in self.tensors.items()}
+        return Examples(tensors, ids, items)
 
     def to(self, device: torch.device | str) -> Examples:
-        return Examples({k: v.to(device) for k, v in self.tensors.items()}, self.ids)
+        return Examples({k: v.to(device) for k, v in self.tensors.items()}, self.ids, self.items)
 
 
 ModelFn = Callable[..., Tensor]
@@ -206,3 +213,180 @@ class ClassificationTask(Task):
 
 def _maybe_eval(model: ModelFn) -> AbstractContextManager[Any]:
     return eval_mode(model) if isinstance(model, nn.Module) else nullcontext()
+
+
+LMItem = str | tuple[str, str]
+
+
+class CausalLMTask(Task):
+    """Causal language modelling on texts or (prompt, completion) pairs.
+
+    Training loss = summed token cross-entropy of the completion (of the whole text when
+    there is no prompt); measurement = log p(completion | prompt) summed over completion
+    tokens. Prompt tokens are masked from both. Sums, not means, so that a long completion
+    counts as the product of its tokens' probabilities. `slice_logits=True` passes
+    `logits_to_keep` (Hugging Face causal LMs); set it False for models without it.
+
+    Every sequence starts with the tokenizer's BOS (or EOS) token; prompt and completion are
+    tokenized separately and their id lists concatenated, so the boundary is exact.
+    Sequences are right-padded; causal attention keeps padding from touching real tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        measurement: Measurement = "log_prob",
+        max_length: int | None = None,
+        slice_logits: bool = True,
+    ) -> None:
+        if measurement not in MEASUREMENTS:
+            raise ValueError(f"unknown measurement {measurement!r}; choose one of {MEASUREMENTS}")
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError(
+                "the tokenizer has no pad token; set one first, e.g. "
+                "`tokenizer.pad_token = tokenizer.eos_token` (padding is masked out)"
+            )
+        self.tokenizer = tokenizer
+        self.measurement = measurement
+        self.max_length = max_length
+        self.slice_logits = slice_logits
+
+    @property
+    def start_id(self) -> int | None:
+        """The token every sequence starts with: BOS, else EOS (GPT-2's convention), else none.
+
+        With a start token every completion token, the first included, is predicted from
+        some context, so a text and the same text after a prompt measure the same tokens.
+        """
+        tok = self.tokenizer
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(tok, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def encode(self, item: LMItem) -> tuple[list[int], int]:
+        """Token ids of one item and the position where its completion starts."""
+        if isinstance(item, str):
+            prompt, completion = "", item
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            prompt, completion = item
+        else:
+            raise ValueError(
+                f"an LM example is a text or a (prompt, completion) pair, got {item!r}"
+            )
+        if not str(completion).strip():
+            raise ValueError(f"empty completion in {item!r}; every example needs text to predict")
+        tok = self.tokenizer
+        start = [] if self.start_id is None else [self.start_id]
+        head = start + (tok(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+        tail = tok(completion, add_special_tokens=False)["input_ids"]
+        if not head:  # no start token and no prompt: the first token has no context
+            head, tail = tail[:1], tail[1:]
+        if not tail:
+            raise ValueError(f"{item!r} leaves no completion token to predict; make it longer")
+        return list(head) + list(tail), len(head)
+
+    def examples(self, items: Sequence[LMItem], ids: Sequence[str] | None = None) -> Examples:
+        """Tokenize, right-pad and mask a list of texts / (prompt, completion) pairs."""
+        items = [tuple(i) if isinstance(i, list) else i for i in items]
+        if not items:
+            raise ValueError("the example set is empty; give at least one text")
+        encoded = [self.encode(item) for item in items]
+        longest = max(len(ids_) for ids_, _ in encoded)
+        if self.max_length is not None and longest > self.max_length:
+            worst = max(range(len(items)), key=lambda i: len(encoded[i][0]))
+            raise ValueError(
+                f"example {items[worst]!r} has {longest} tokens, more than the model's context of "
+                f"{self.max_length}; shorten it or raise max_length"
+            )
+        n = len(items)
+        input_ids = torch.full((n, longest), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        attention = torch.zeros((n, longest), dtype=torch.long)
+        target = torch.zeros((n, longest), dtype=torch.long)
+        for row, (token_ids, start) in enumerate(encoded):
+            input_ids[row, : len(token_ids)] = torch.as_tensor(token_ids)
+            attention[row, : len(token_ids)] = 1
+            target[row, start : len(token_ids)] = 1
+        names = tuple(str(i) for i in ids) if ids is not None else tuple(str(i) for i in range(n))
+        tensors = {"input_ids": input_ids, "attention_mask": attention, "target_mask": target}
+        return Examples(tensors, names, tuple(items))
+
+    def check(self, examples: Examples, role: str = "examples") -> None:
+        super().check(examples, role)
+        missing = {"input_ids", "attention_mask", "target_mask"} - set(examples.tensors)
+        if missing:
+            raise ValueError(
+                f"language-model {role} need tensors {sorted(missing)}; build them with "
+                "CausalLMTask.examples(texts)"
+            )
+
+    def check_model(self, model: ModelFn, examples: Examples, role: str = "examples") -> Tensor:
+        """Also check the context length and the vocabulary against the model's config."""
+        config = getattr(model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        longest = int(examples.tensors["attention_mask"].sum(-1).max())
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"{role} contain a sequence of {longest} tokens but the model's context is "
+                f"{limit}; shorten the texts"
+            )
+        vocab = getattr(config, "vocab_size", None)
+        top = int(examples.tensors["input_ids"].max())
+        if vocab is not None and top >= vocab:
+            raise ValueError(
+                f"{role} contain token id {top} but the model's vocabulary has {vocab} entries; "
+                "use the model's own tokenizer"
+            )
+        return super().check_model(model, examples, role)
+
+    def outputs(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits [B, T', V] for the positions that predict completion tokens.
+
+        With `slice_logits` (Hugging Face models: `logits_to_keep`), the vocabulary
+        projection runs only on the span [lo, hi) of positions that predict some
+        completion token of the batch: far less memory and compute for long prompts.
+        """
+        lo, hi = self._span(batch)
+        kwargs = {"logits_to_keep": torch.arange(lo, hi)} if self.slice_logits else {}
+        out = model(
+            input_ids=batch["input_ids"][:, :hi],
+            attention_mask=batch["attention_mask"][:, :hi],
+            **kwargs,
+        )
+        logits = out.logits if hasattr(out, "logits") else out
+        if logits.ndim != 3:
+            raise ValueError(
+                f"the model returned shape {tuple(logits.shape)}; a causal LM must return "
+                "logits [batch, tokens, vocab]"
+            )
+        return logits if self.slice_logits else logits[:, lo:hi]
+
+    @staticmethod
+    def _span(batch: Mapping[str, Tensor]) -> tuple[int, int]:
+        """Positions lo..hi-1 predict tokens lo+1..hi: the completion tokens of the batch."""
+        has_target = batch["target_mask"].bool().any(0).nonzero().flatten()
+        return int(has_target[0]) - 1, int(has_target[-1])
+
+    def token_log_probs(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        """log p(token_t | tokens_<t) for every completion token, 0 elsewhere: [B, T]."""
+        lo, hi = self._span(batch)
+        logits = self.outputs(model, batch).float()
+        ids = batch["input_ids"][:, lo + 1 : hi + 1]
+        logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        mask = batch["target_mask"][:, lo + 1 : hi + 1].to(logp.dtype)
+        width = batch["input_ids"].shape[1]
+        return torch.nn.functional.pad(logp * mask, (lo + 1, width - hi - 1))
+
+    def loss(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        return -self.token_log_probs(model, batch).sum(-1)
+
+    def measure(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        logp = self.token_log_probs(model, batch).sum(-1)
+        return logp.exp() if self.measurement == "prob" else logp
+
+    def settings(self) -> dict[str, Any]:
+        name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+        return {**super().settings(), "tokenizer": str(name), "max_length": self.max_length}

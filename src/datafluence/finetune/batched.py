@@ -34,11 +34,11 @@ class BatchedFinetuner:
         self.base = {n: p.detach() for n, p in model.named_parameters() if n in chosen}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def _call(self, params: Params, *args: Tensor) -> Tensor:
-        return functional_call(self.model, (params, self.frozen, self.buffers), args)
+    def _call(self, params: Params, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        return functional_call(self.model, (params, self.frozen, self.buffers), args, kwargs)
 
     def _group_loss(self, params: Params, batch: Mapping[str, Tensor], weight: Tensor) -> Tensor:
-        per_example = self.task.loss(lambda *a: self._call(params, *a), batch)
+        per_example = self.task.loss(partial(self._call, params), batch)
         return (per_example * weight).sum() / weight.sum()
 
     def finetune(

@@ -22,7 +22,15 @@ def finetune_copy(
     batch: Mapping[str, Tensor],
     label: str = "",
 ) -> nn.Module:
-    """A fine-tuned deep copy of `model` after `recipe.steps` steps on `batch` (mean loss)."""
+    """A fine-tuned deep copy of `model` after `recipe.steps` steps on `batch` (mean loss).
+
+    With LoRA in the recipe the copy is wrapped by peft, an implementation independent of
+    the batched multi-adapter engine.
+    """
+    if recipe.lora_rank:
+        from datafluence.finetune.lora import peft_copy
+
+        return peft_copy(model, task, recipe, dict(batch), label)
     tuned = copy.deepcopy(model).eval()
     names = set(recipe.trainable_names(tuned))
     params = []

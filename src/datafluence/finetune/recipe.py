@@ -20,7 +20,10 @@ class FinetuneRecipe:
     """K optimizer steps on one example (or one group of examples), from θ.
 
     `trainable` holds fnmatch patterns of parameter names (e.g. ``("fc.*",)``); empty means
-    every parameter trains. The loss of a group is the mean of its examples' losses.
+    every parameter trains. With `lora_rank > 0` the base weights stay frozen and a fresh
+    LoRA adapter (rank r, scale alpha / r, A seeded by `lora_seed` and identical for every
+    example, B = 0) is trained on the modules whose names match `lora_targets`.
+    The loss of a group is the mean of its examples' losses.
     During fine-tuning and measurement the model is in eval mode: dropout is off and
     BatchNorm uses (and never updates) its running statistics, because batch statistics of
     a single example are meaningless and would make the result depend on batch grouping.
@@ -34,6 +37,10 @@ class FinetuneRecipe:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     trainable: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    lora_seed: int = 0
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 1:
@@ -52,6 +59,16 @@ class FinetuneRecipe:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "trainable", tuple(self.trainable))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0 or int(self.lora_rank) != self.lora_rank:
+            raise ValueError(f"lora_rank must be a non-negative integer, got {self.lora_rank}")
+        if self.lora_rank and self.trainable:
+            raise ValueError("choose either LoRA (lora_rank > 0) or trainable patterns, not both")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError(
+                "LoRA needs lora_targets, module-name patterns such as ('*q_proj', '*v_proj') "
+                "for Llama or ('*c_attn',) for GPT-2"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from datafluence import store
-from datafluence.finetune import BatchedFinetuner, FinetuneRecipe, finetune_copy, measure
+from datafluence.finetune import (
+    BatchedFinetuner,
+    FinetuneRecipe,
+    LoRAFinetuner,
+    finetune_copy,
+    measure,
+)
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
@@ -93,9 +99,10 @@ class EmpiricalInfluence:
                 "the model's measurement of some probes is already non-finite before "
                 "fine-tuning; check the model and the probes"
             )
-        finetuner = (
-            BatchedFinetuner(model, self.task, self.recipe) if self.engine == "batched" else None
-        )
+        finetuner = None
+        if self.engine == "batched":
+            engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
+            finetuner = engine(model, self.task, self.recipe)
 
         def compute(lo: int, hi: int) -> np.ndarray:
             if finetuner is not None:

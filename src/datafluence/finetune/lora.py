@@ -1,0 +1,202 @@
+"""Many independent LoRA fine-tunes in one forward/backward: multi-adapter LoRA.
+
+The batch is laid out copy-major: rows [c*R, (c+1)*R) belong to adapter c. Forward hooks on
+the target modules add each row's own low-rank update, scale * x A_cᵀ B_cᵀ, to the frozen
+module's output. Row c's loss depends only on adapter c, so one backward of the summed loss
+gives every adapter its own gradient, and the shared base weights run as one large batch.
+This is the batched engine for language models, whose Hugging Face forwards cannot be
+vmapped (they branch on tensor values).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from datafluence.finetune import functional_optim
+from datafluence.finetune.recipe import FinetuneRecipe
+from datafluence.tasks import Examples, Task, eval_mode
+
+Params = dict[str, Tensor]
+
+
+def lora_modules(model: nn.Module, patterns: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Target module names -> (d_in, d_out): nn.Linear and GPT-2's Conv1D whose names match."""
+    found: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if isinstance(module, nn.Linear):
+            found[name] = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: x @ W, W [in, out]
+            found[name] = tuple(module.weight.shape)  # type: ignore[assignment]
+    if not found:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(
+            f"no nn.Linear / Conv1D module name matches lora_targets={list(patterns)}; "
+            f"linear modules look like: {', '.join(linear)}"
+        )
+    return found
+
+
+def lora_init(recipe: FinetuneRecipe, dims: dict[str, tuple[int, int]]) -> Params:
+    """A fresh adapter's A matrices: Kaiming-uniform like nn.Linear/peft, from lora_seed."""
+    gen = torch.Generator().manual_seed(recipe.lora_seed)
+    out = {}
+    for name, (d_in, _) in dims.items():
+        bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a [r, d_in] weight
+        out[name] = (torch.rand(recipe.lora_rank, d_in, generator=gen) * 2 - 1) * bound
+    return out
+
+
+class LoRAFinetuner:
+    """Fine-tune stacked LoRA adapters, one per group, and measure probes under each."""
+
+    def __init__(self, model: nn.Module, task: Task, recipe: FinetuneRecipe) -> None:
+        if not recipe.lora_rank:
+            raise ValueError("LoRAFinetuner needs a recipe with lora_rank > 0")
+        self.model = model
+        self.task = task
+        self.recipe = recipe
+        self.dims = lora_modules(model, recipe.lora_targets)
+        self.init = lora_init(recipe, self.dims)
+        self.scale = recipe.lora_alpha / recipe.lora_rank
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def fresh(self, n: int) -> Params:
+        """n identical fresh adapters: A from the seed, B = 0."""
+        params = {}
+        for name, (_, d_out) in self.dims.items():
+            a = self.init[name].to(self.device, self.dtype)
+            params[f"{name}.A"] = a.unsqueeze(0).expand(n, *a.shape).clone()
+            params[f"{name}.B"] = torch.zeros(n, d_out, self.recipe.lora_rank, **self._like())
+        return params
+
+    def _like(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype}
+
+    @contextmanager
+    def attached(self, params: Params) -> Iterator[None]:
+        """Hooks adding adapter c's update to rows of copy c (copy-major batch)."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        for name in self.dims:
+            a, b = params[f"{name}.A"], params[f"{name}.B"]
+
+            def hook(_mod: nn.Module, inputs: tuple, output: Tensor, a=a, b=b) -> Tensor:
+                x = inputs[0]
+                copies = a.shape[0]
+                flat = x.reshape(copies, -1, x.shape[-1])  # [C, R*T, d_in]
+                delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+                return output + self.scale * delta.reshape(output.shape)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def _frozen_base(self) -> Iterator[None]:
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with eval_mode(self.model):
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def finetune(
+        self, train: Examples, groups: Sequence[Sequence[int]], labels: Sequence[str]
+    ) -> Params:
+        """Adapters [C, ...] after fine-tuning adapter c on train[groups[c]] (mean loss)."""
+        n = len(groups)
+        width = max(len(g) for g in groups)
+        index = torch.tensor([list(g) + [g[0]] * (width - len(g)) for g in groups])
+        weight = torch.tensor([[1.0] * len(g) + [0.0] * (width - len(g)) for g in groups])
+        weight = weight.to(self.device, torch.float32)
+        batch = {k: v[index.flatten().to(v.device)] for k, v in train.tensors.items()}
+        params = self.fresh(n)
+        state = functional_optim.init_state(self.recipe, params)
+        with self._frozen_base():
+            for t in range(1, self.recipe.steps + 1):
+                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                with self.attached(leaves):
+                    per = self.task.loss(self.model, batch).float().view(n, width)
+                losses = (per * weight).sum(1) / weight.sum(1)
+                bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+                if bad:
+                    names = ", ".join(labels[i] for i in bad[:5])
+                    raise FloatingPointError(
+                        f"non-finite loss at fine-tuning step {t} on {names}; lower the "
+                        "learning rate or check those examples"
+                    )
+                grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+                grads = dict(zip(leaves, grads, strict=True))
+                params = functional_optim.step(self.recipe, params, grads, state, t)
+        return {k: v.detach() for k, v in params.items()}
+
+    @torch.no_grad()
+    def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
+        """Measurements [C, M]; each forward holds about `probe_chunk` rows (C x probes)."""
+        n = next(iter(params.values())).shape[0]
+        per_forward = max(1, probe_chunk // n)
+        cols = []
+        with self._frozen_base(), self.attached(params):
+            for s in range(0, len(probes), per_forward):
+                chunk = probes[s : s + per_forward].tensors
+                rows = {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in chunk.items()}
+                cols.append(self.task.measure(self.model, rows).view(n, -1))
+        return torch.cat(cols, dim=1)
+
+
+def peft_copy(
+    model: nn.Module, task: Task, recipe: FinetuneRecipe, batch: dict[str, Tensor], label: str = ""
+) -> nn.Module:
+    """The reference: a deep copy wrapped by peft's LoRA, trained with the stock optimizer."""
+    import copy
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the naive LoRA reference needs peft: pip install peft") from err
+    dims = lora_modules(model, recipe.lora_targets)
+    init = lora_init(recipe, dims)
+    config = LoraConfig(
+        r=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha,
+        target_modules=list(dims),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=any(
+            type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n in dims
+        ),
+    )
+    tuned = get_peft_model(copy.deepcopy(model), config).eval()
+    for name, module in tuned.named_modules():
+        short = name.removeprefix("base_model.model.")
+        if short in dims and hasattr(module, "lora_A"):
+            module.lora_A["default"].weight.data.copy_(init[short])
+            module.lora_B["default"].weight.data.zero_()
+    params = [p for n, p in tuned.named_parameters() if "lora_" in n]
+    opt = recipe.torch_optimizer(params)
+    for t in range(recipe.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(tuned, batch).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at fine-tuning step {t + 1} on {label or 'a group'}; "
+                "lower the learning rate or check the example"
+            )
+        loss.backward()
+        opt.step()
+    return tuned

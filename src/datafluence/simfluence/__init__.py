@@ -1,0 +1,61 @@
+"""Simfluence (Guu et al., 2023): learn per-example simulators of training runs.
+
+Record runs (`RunLogger`, `collect_runs`), fit a simulator of how each training example
+moves each test loss (`AdditiveSimulator`, `MultiplicativeSimulator`, `LinearSimulator`),
+roll it out on counterfactual curricula (`curricula`), and judge it on held-out runs
+(`evaluate`, `compare`, with `TracInCPSimulator` as the baseline).
+"""
+
+from datafluence.simfluence.curricula import (
+    duplicate,
+    put_first,
+    put_last,
+    random_curricula,
+    random_curriculum,
+    remove,
+)
+from datafluence.simfluence.evaluate import (
+    TracInCPSimulator,
+    all_steps_mse,
+    compare,
+    evaluate,
+    final_spearman,
+    summarize,
+)
+from datafluence.simfluence.logger import RunLogger, collect_runs, trainer_callback
+from datafluence.simfluence.simulators import (
+    DEFAULT_LAMBDAS,
+    SIMULATORS,
+    AdditiveSimulator,
+    LinearSimulator,
+    MultiplicativeSimulator,
+    Simulator,
+    make_simulator,
+    rollout,
+)
+
+__all__ = [
+    "DEFAULT_LAMBDAS",
+    "SIMULATORS",
+    "AdditiveSimulator",
+    "LinearSimulator",
+    "MultiplicativeSimulator",
+    "RunLogger",
+    "Simulator",
+    "TracInCPSimulator",
+    "all_steps_mse",
+    "collect_runs",
+    "compare",
+    "duplicate",
+    "evaluate",
+    "final_spearman",
+    "make_simulator",
+    "put_first",
+    "put_last",
+    "random_curricula",
+    "random_curriculum",
+    "remove",
+    "rollout",
+    "summarize",
+    "trainer_callback",
+]
