@@ -22,7 +22,7 @@ from datafluence.datasets import (
 )
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
-from datafluence.store import atomic_write_json
+from datafluence.store import atomic_write_json, tensors_fingerprint
 from datafluence.tasks import ClassificationTask
 
 
@@ -39,7 +39,7 @@ def reference_model() -> tuple[torch.nn.Module, str]:
         train.labels,
         TrainRecipe(epochs=4),
         name="cnn-fashion-mnist",
-        data_key=f"fashion-mnist-train-{len(train)}",
+        data_key=tensors_fingerprint({"images": train.images, "labels": train.labels}),
         progress=False,
     )
     return model, "trained CNN" + (" (cached)" if cached else "")

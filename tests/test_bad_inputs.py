@@ -148,12 +148,6 @@ def test_huge_lr_two_steps_names_the_examples(task, make_model, make_examples, e
         eif.score(make_model(), train, make_examples(2, prefix="q"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG methods/empirical.py compute(): when the loss stays finite but the measurement "
-    "after the last step is not (steps=1, lr=1e30), the FloatingPointError names only row "
-    "positions ('fine-tuning rows 0:2 gave non-finite measurements'), not the example ids",
-)
 @pytest.mark.parametrize("engine", ["batched", "naive"])
 def test_huge_lr_one_step_names_the_example(task, make_model, make_examples, engine):
     train = make_examples(4, prefix="img-")
@@ -241,12 +235,6 @@ def test_trainable_pattern_matching_nothing(task, make_model, make_examples, eng
         eif.score(make_model(), make_examples(2), make_examples(2, prefix="q"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG finetune/recipe.py FinetuneRecipe.__post_init__: tuple(self.trainable) splits "
-    "a plain string into characters, so trainable='head.*' becomes ('h','e','a','d','.','*') "
-    "and the '*' pattern silently makes every parameter trainable",
-)
 def test_trainable_as_plain_string(task, make_model):
     recipe = FinetuneRecipe(trainable="head.*")
     assert recipe.trainable_names(make_model()) == ["head.weight", "head.bias"]

@@ -192,13 +192,6 @@ def test_show_unfinished_and_foreign_directories(env, tmp_path):
     assert result.exit_code == 0 and "scores     (none yet" in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG experiments/cnn_fashion_mnist.py run(): the model cache key uses "
-    "data_key=f'fashion-mnist-train-{len(fashion_train)}' (only the size of the training set), "
-    "so a different Fashion-MNIST training set of the same size gets the cached model trained "
-    "on the other data",
-)
 def test_model_cache_distinguishes_training_data_of_the_same_size(env, tmp_path):
     other = fake_fashion(tmp_path / "other-data", seed=1)  # same sizes, other pixels
     result = invoke(args(tmp_path / "run", other, noise="0"))

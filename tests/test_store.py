@@ -65,12 +65,6 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG store.atomic_path: tempfile.mkstemp creates files with mode 0600 and "
-    "os.replace keeps it, so every atomically written result is unreadable by group/others "
-    "(np.save/open() would honour the umask, e.g. 0644)",
-)
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
@@ -204,12 +198,6 @@ def test_partitioned_dest_writes_npy(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG store.RunDir.partitioned: with dest=, an interrupted run leaves the full-size "
-    "'.<dest>.assembling.tmp' memmap behind (it is only replaced on success, never removed on "
-    "error)",
-)
 def test_partitioned_dest_interrupted_leaves_no_temp_file(tmp_path):
     def interrupted(start, end):
         if start >= 3:
@@ -296,12 +284,6 @@ def test_eif_partitions_of_other_settings_are_not_reused(tmp_path, make_model, m
     assert len(list((tmp_path / "partitions").iterdir())) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG methods/empirical.py score(): the partition key fingerprints only the row and "
-    "query ids, not the example tensors, so partitions computed on other data with the same "
-    "ids (e.g. other input noise) are silently reused",
-)
 def test_eif_partitions_of_other_data_with_same_ids_are_not_reused(
     tmp_path, make_model, make_examples, task
 ):

@@ -38,10 +38,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -70,10 +77,16 @@ def fingerprint(obj: Any) -> str:
 
 def model_fingerprint(model: Any) -> str:
     """A hash of every parameter and buffer, so results are tied to the exact weights."""
+    return tensors_fingerprint(model.state_dict())
+
+
+def tensors_fingerprint(tensors: Mapping[str, Any]) -> str:
+    """A hash of named tensors' values, so cached results are tied to the exact data."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name in sorted(tensors):
+        tensor = tensors[name]
         h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()[:16]
@@ -259,9 +272,14 @@ class RunDir:
                 atomic_save_npy(path, block)
                 out[start:end] = block
                 bar.update(1)
-        except KeyboardInterrupt:
-            done = len(list(folder.glob("rows_*.npy")))
+        except BaseException as err:
             bar.close()
+            if tmp_dest is not None:
+                del out
+                tmp_dest.unlink(missing_ok=True)
+            if not isinstance(err, KeyboardInterrupt):
+                raise
+            done = len(list(folder.glob("rows_*.npy")))
             raise KeyboardInterrupt(
                 f"interrupted with {done}/{len(bounds)} partitions of {name!r} saved in {folder}; "
                 "re-run the same command to compute only the rest"

@@ -98,7 +98,9 @@ def run(
         fashion_train.labels,
         config.train,
         name="cnn-fashion-mnist",
-        data_key=f"fashion-mnist-train-{len(fashion_train)}",
+        data_key=store.tensors_fingerprint(
+            {"images": fashion_train.images, "labels": fashion_train.labels}
+        ),
         progress=progress,
     )
     accuracy = evaluate_accuracy(model, fashion_test.images, fashion_test.labels)

@@ -58,8 +58,8 @@ class FinetuneRecipe:
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "trainable", tuple(self.trainable))
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "trainable", _patterns(self.trainable))
+        object.__setattr__(self, "lora_targets", _patterns(self.lora_targets))
         if self.lora_rank < 0 or int(self.lora_rank) != self.lora_rank:
             raise ValueError(f"lora_rank must be a non-negative integer, got {self.lora_rank}")
         if self.lora_rank and self.trainable:
@@ -99,3 +99,8 @@ class FinetuneRecipe:
         return cls(
             params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
         )
+
+
+def _patterns(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """One pattern or several; a plain string is one pattern, never its characters."""
+    return (value,) if isinstance(value, str) else tuple(value)

@@ -116,10 +116,12 @@ class EmpiricalInfluence:
                     rows.append(measure(tuned, self.task, queries.tensors))
                 after = torch.stack(rows)
             delta = after.float() - base[None, :]
-            if not torch.isfinite(delta).all():
+            bad = (~torch.isfinite(delta)).any(1).nonzero().flatten().tolist()
+            if bad:
+                names = ", ".join(row_ids[lo + i] for i in bad[:5])
                 raise FloatingPointError(
-                    f"fine-tuning rows {lo}:{hi} gave non-finite measurements; lower the "
-                    "learning rate or the number of steps"
+                    f"fine-tuning on {names}{' and others' if len(bad) > 5 else ''} gave "
+                    "non-finite measurements; lower the learning rate or the number of steps"
                 )
             return delta.cpu().numpy()
 
@@ -144,7 +146,10 @@ class EmpiricalInfluence:
                     "settings": self.settings(),
                     "model": store.model_fingerprint(model),
                     "rows": list(row_ids),
+                    "groups": groups,
+                    "train": store.tensors_fingerprint(train.tensors),
                     "queries": list(queries.ids),
+                    "probes": store.tensors_fingerprint(queries.tensors),
                 }
             )
             values = run.partitioned(
