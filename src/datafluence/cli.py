@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,13 +13,6 @@ import numpy as np
 from datafluence.experiments import EXPERIMENTS
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="datafluence")
 def main() -> None:
@@ -26,85 +20,24 @@ def main() -> None:
     more example do to everything else it knows?"""
 
 
-@main.command()
-@click.argument("name", type=click.Choice(EXPERIMENTS))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--n-per-class", default=10, show_default=True, help="Digits per digit class.")
-@click.option(
-    "--target-class",
-    default="Sneaker",
-    show_default=True,
-    help="Fashion class every digit is labelled as.",
-)
-@click.option(
-    "--noise",
-    default="0,0.25,0.5,1.0",
-    show_default=True,
-    help="Input noise levels σ (comma-separated).",
-)
-@click.option("--steps", default=1, show_default=True, help="Fine-tuning steps K per example.")
-@click.option("--lr", default=1e-3, show_default=True, help="Fine-tuning learning rate.")
-@click.option(
-    "--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True
-)
-@click.option(
-    "--epochs", default=4, show_default=True, help="Epochs of the base CNN's training (cached)."
-)
-@click.option(
-    "--digits",
-    type=click.Choice(["bundled", "mnist"]),
-    default="bundled",
-    show_default=True,
-    help="Bundled 1,000-digit MNIST subset, or the full MNIST test set.",
-)
-@click.option(
-    "--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the idx files."
-)
-@click.option("--chunk-size", default=50, show_default=True, help="Copies fine-tuned at once.")
-@click.option("--overwrite", is_flag=True, help="Discard a run made with other settings.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def experiment(
-    name: str,
-    out: str,
-    n_per_class: int,
-    target_class: str,
-    noise: str,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    epochs: int,
-    digits: str,
-    data_dir: str | None,
-    chunk_size: int,
-    overwrite: bool,
-    quiet: bool,
-) -> None:
-    """Run a paper reproduction into a run directory (resumes if interrupted)."""
-    from datafluence.experiments import cnn_fashion_mnist as exp
-    from datafluence.finetune import FinetuneRecipe
-    from datafluence.models import TrainRecipe
+class _ExperimentGroup(click.Group):
+    """Lists the known experiments when an unknown name is given."""
 
-    try:
-        config = exp.CNNExperimentConfig(
-            n_per_class=n_per_class,
-            target_class=target_class,
-            noise=_floats(noise),
-            recipe=FinetuneRecipe(steps=steps, lr=lr, optimizer=optimizer),
-            train=TrainRecipe(epochs=epochs),
-            digits=digits,
-        )
-        exp.run(
-            out,
-            config,
-            data_dir=data_dir,
-            overwrite=overwrite,
-            chunk_size=chunk_size,
-            progress=not quiet,
-            log=click.echo,
-        )
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(f"results in {out}/ (scores.npy, metrics.json, figures/)")
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            known = ", ".join(sorted(self.list_commands(ctx)))
+            raise click.UsageError(f"unknown experiment {name!r}; choose one of: {known}")
+        return super().resolve_command(ctx, args)
+
+
+@main.group(cls=_ExperimentGroup)
+def experiment() -> None:
+    """Run a paper reproduction into a run directory (resumes if interrupted)."""
+
+
+for _name, _module in EXPERIMENTS.items():
+    experiment.add_command(importlib.import_module(_module).command, _name)
 
 
 @main.command()

@@ -1,3 +1,6 @@
-"""Paper reproductions, each one `run(out, config, ...)` function that the CLI composes."""
+"""Paper reproductions: each module has one `run(out, config, ...)` function and a click
+`command` that the CLI registers under the experiment's name."""
 
-EXPERIMENTS = ("cnn-fashion-mnist",)
+EXPERIMENTS = {
+    "cnn-fashion-mnist": "datafluence.experiments.cnn_fashion_mnist",
+}

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import pandas as pd
 import torch
@@ -28,6 +29,7 @@ from datafluence.datasets import (
     load_mnist_subset,
     take_per_class,
 )
+from datafluence.experiments._cli import cli_errors, comma_floats
 from datafluence.finetune import FinetuneRecipe
 from datafluence.methods import EmpiricalInfluence
 from datafluence.metrics import desiderata
@@ -224,3 +226,76 @@ def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).set_index("σ").round(3)
+
+
+@click.command("cnn-fashion-mnist")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--n-per-class", default=10, show_default=True, help="Digits per digit class.")
+@click.option(
+    "--target-class",
+    default="Sneaker",
+    show_default=True,
+    help="Fashion class every digit is labelled as.",
+)
+@click.option(
+    "--noise",
+    default="0,0.25,0.5,1.0",
+    show_default=True,
+    help="Input noise levels σ (comma-separated).",
+)
+@click.option("--steps", default=1, show_default=True, help="Fine-tuning steps K per example.")
+@click.option("--lr", default=1e-3, show_default=True, help="Fine-tuning learning rate.")
+@click.option(
+    "--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True
+)
+@click.option(
+    "--epochs", default=4, show_default=True, help="Epochs of the base CNN's training (cached)."
+)
+@click.option(
+    "--digits",
+    type=click.Choice(["bundled", "mnist"]),
+    default="bundled",
+    show_default=True,
+    help="Bundled 1,000-digit MNIST subset, or the full MNIST test set.",
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the idx files."
+)
+@click.option("--chunk-size", default=50, show_default=True, help="Copies fine-tuned at once.")
+@click.option("--overwrite", is_flag=True, help="Discard a run made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(
+    out: str,
+    n_per_class: int,
+    target_class: str,
+    noise: str,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    epochs: int,
+    digits: str,
+    data_dir: str | None,
+    chunk_size: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """CNN on Fashion-MNIST fine-tuned on single MNIST digits (the EIF paper's Figure 1)."""
+    with cli_errors():
+        config = CNNExperimentConfig(
+            n_per_class=n_per_class,
+            target_class=target_class,
+            noise=comma_floats(noise),
+            recipe=FinetuneRecipe(steps=steps, lr=lr, optimizer=optimizer),
+            train=TrainRecipe(epochs=epochs),
+            digits=digits,
+        )
+        run(
+            out,
+            config,
+            data_dir=data_dir,
+            overwrite=overwrite,
+            chunk_size=chunk_size,
+            progress=not quiet,
+            log=click.echo,
+        )
+    click.echo(f"results in {out}/ (scores.npy, metrics.json, figures/)")

@@ -120,7 +120,9 @@ class Layer:
 
     def matrix(self) -> Tensor:
         """The current parameters in matrix form."""
-        return self.to_matrix(self.weight.detach(), None if self.bias is None else self.bias.detach())
+        return self.to_matrix(
+            self.weight.detach(), None if self.bias is None else self.bias.detach()
+        )
 
     def inputs(self, x: Tensor, batch_size: int) -> Tensor:
         """Module input -> [B, T, d_in'] (or [B, T] indices for an embedding)."""
@@ -264,7 +266,9 @@ def resolve_layers(
             )
         chosen_set.update(dict.fromkeys(inner))
     order = {n: i for i, n in enumerate(named)}
-    return [Layer(n, named[n], layer_kind(named[n]) or "") for n in sorted(chosen_set, key=order.get)]
+    return [
+        Layer(n, named[n], layer_kind(named[n]) or "") for n in sorted(chosen_set, key=order.get)
+    ]
 
 
 def _used_by_functional_call(name: str, named: dict[str, nn.Module]) -> bool:
