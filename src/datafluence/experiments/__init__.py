@@ -3,4 +3,5 @@
 
 EXPERIMENTS = {
     "cnn-fashion-mnist": "datafluence.experiments.cnn_fashion_mnist",
+    "knowledge-domains": "datafluence.experiments.knowledge_domains",
 }

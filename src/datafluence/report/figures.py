@@ -118,3 +118,63 @@ def plot_noise(
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_mode_matrices(by_mode: Mapping[str, Scores], path: str | Path, title: str = "") -> Path:
+    """One heatmap per mode (learned, prompted), rows = fine-tuned/prompted item, columns =
+    probes, on one colour scale so the modes compare directly."""
+    modes = list(by_mode)
+    limit = max(float(np.abs(as_array(s)).max()) for s in by_mode.values()) or 1.0
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 5.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        scores = by_mode[mode]
+        im = _draw_matrix(ax, as_array(scores), limit=limit)
+        ax.set_xticks(range(len(scores.query_ids)))
+        ax.set_xticklabels(scores.query_ids, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(scores.train_ids)))
+        ax.set_yticklabels(scores.train_ids, fontsize=7)
+        ax.set_title(mode)
+        ax.set_xlabel("probe")
+        ax.set_ylabel("learned / prompted")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="EIF (Δ log p)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_histograms(values: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Overlaid histograms of all EIF values per mode, with the share of negative values."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    flat = {k: np.asarray(v, dtype=float).ravel() for k, v in values.items()}
+    lo = min(v.min() for v in flat.values())
+    hi = max(v.max() for v in flat.values())
+    bins = np.linspace(lo, hi, 50) if hi > lo else 10
+    for name, v in flat.items():
+        ax.hist(v, bins=bins, alpha=0.55, label=f"{name} ({np.mean(v < 0):.0%} < 0)")
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("EIF (Δ log p)")
+    ax.set_ylabel("count")
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_symmetry_bars(
+    values: Mapping[str, Mapping[str, float]], path: str | Path, title: str = ""
+) -> Path:
+    """Spearman symmetry of each domain's square matrix, one bar per mode."""
+    domains = list(values)
+    modes = sorted({m for v in values.values() for m in v})
+    width = 0.8 / max(1, len(modes))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(domains), 4))
+    for k, mode in enumerate(modes):
+        xs = np.arange(len(domains)) + k * width
+        ax.bar(xs, [values[d].get(mode, np.nan) for d in domains], width, label=mode)
+    ax.set_xticks(np.arange(len(domains)) + width * (len(modes) - 1) / 2)
+    ax.set_xticklabels(domains)
+    ax.set_ylabel("symmetry (Spearman of M vs Mᵀ)")
+    ax.set_ylim(-1, 1)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.legend()
+    ax.set_title(title or "Symmetry per domain")
+    return _save(fig, path)

@@ -1,0 +1,413 @@
+"""Language-model EIF: the causal-LM task, multi-adapter LoRA vs peft, prompted influence,
+knowledge domains and the logic desiderata, on tiny models built in code."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from datafluence.datasets.domains import (  # noqa: E402
+    CONTROL_ID,
+    available_domains,
+    instantiate,
+    load_domain,
+    nonce_words,
+    parse_domain,
+)
+from datafluence.methods import EmpiricalInfluence  # noqa: E402
+from datafluence.methods.prompted import PromptedInfluence  # noqa: E402
+from datafluence.metrics import logic  # noqa: E402
+from datafluence.scores import Scores  # noqa: E402
+from datafluence.tasks import CausalLMTask  # noqa: E402
+
+CORPUS = [
+    "a wug is a blicket. all blickets have a dax. in winter, frogs hibernate in the mud.",
+    "every cat is an animal. the dog causes the rain. a bird has a nest.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE tokenizer: pseudo-words split into several pieces."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>")
+
+
+def llama(tokenizer, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def gpt2(tokenizer) -> GPT2LMHeadModel:
+    torch.manual_seed(1)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+ITEMS = [
+    ("a wug is a", " blicket."),
+    "all blickets have a dax.",
+    ("in winter, frogs", " hibernate."),
+    "a wug has a dax.",
+    "every cat is an animal.",
+]
+
+
+def reference_log_prob(model, tokenizer, prompt: str, completion: str) -> float:
+    """Hand-written: BOS + prompt ids + completion ids, sum log p over completion tokens."""
+    head = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + tail])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return float(sum(logp[len(head) + k - 1, t] for k, t in enumerate(tail)))
+
+
+# --- the task --------------------------------------------------------------------------
+
+
+def test_measure_is_summed_completion_log_prob(tokenizer):
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    got = task.measure(model, ex.tensors)
+    for k, item in enumerate(ITEMS):
+        prompt, completion = ("", item) if isinstance(item, str) else item
+        assert got[k].item() == pytest.approx(
+            reference_log_prob(model, tokenizer, prompt, completion), abs=1e-4
+        )
+    assert torch.allclose(task.loss(model, ex.tensors), -got)
+    # padding never changes a row: each example alone gives the same number
+    alone = torch.cat([task.measure(model, ex[[k]].tensors) for k in range(len(ITEMS))])
+    assert torch.allclose(alone, got, atol=1e-5)
+    # slicing the logits is an optimisation only
+    full = CausalLMTask(tokenizer, slice_logits=False).measure(model, ex.tensors)
+    assert torch.allclose(full, got, atol=1e-5)
+
+
+def test_prompt_tokens_are_masked(tokenizer):
+    task = CausalLMTask(tokenizer)
+    ex = task.examples([("a wug is a", " blicket.")])
+    n_prompt = 1 + len(tokenizer("a wug is a", add_special_tokens=False)["input_ids"])
+    mask = ex.tensors["target_mask"][0]
+    assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].sum() > 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([("a wug", "   ")], "empty completion"),
+        ([], "empty"),
+        ([42], "text or a .prompt, completion. pair"),
+    ],
+)
+def test_bad_lm_examples(tokenizer, bad, match):
+    with pytest.raises(ValueError, match=match):
+        CausalLMTask(tokenizer).examples(bad)
+
+
+def test_tokenizer_without_pad_token(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="no pad token.*pad_token = tokenizer.eos_token"):
+        CausalLMTask(tok)
+
+
+def test_too_long_and_foreign_vocabulary(tokenizer):
+    with pytest.raises(ValueError, match="more than the model's context of 4"):
+        CausalLMTask(tokenizer, max_length=4).examples(["a wug is a blicket."])
+    model = llama(tokenizer)
+    model.config.max_position_embeddings = 5
+    task = CausalLMTask(tokenizer)
+    with pytest.raises(ValueError, match="model's context is 5"):
+        EmpiricalInfluence(task, progress=False).score(
+            model, task.examples(["a wug is a blicket."]), task.examples(["a dax."])
+        )
+
+
+# --- learned EIF: multi-adapter LoRA against peft ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, targets", [("llama", ("*q_proj", "*v_proj")), ("gpt2", ("*c_attn",))]
+)
+@pytest.mark.parametrize("optimizer, steps", [("sgd", 1), ("sgd", 3), ("adam", 1)])
+def test_lora_batched_equals_peft(tokenizer, arch, targets, optimizer, steps):
+    model = llama(tokenizer) if arch == "llama" else gpt2(tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    recipe = dict(steps=steps, lr=0.05, optimizer=optimizer, lora_rank=4, lora_targets=targets)
+    naive = EmpiricalInfluence(task, engine="naive", progress=False, **recipe).score(model, ex, ex)
+    batched = EmpiricalInfluence(
+        task, chunk_size=2, probe_chunk_size=4, progress=False, **recipe
+    ).score(model, ex, ex, groups=None)
+    assert np.abs(naive.values - batched.values).max() < 1e-5
+    assert np.abs(naive.values).max() > 1e-2  # the adapters really moved something
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_adam_several_steps_exact_in_float64(tokenizer):
+    """Adam normalises tiny gradients, so float32 rounding shows after a few steps;
+    in float64 the two implementations agree to rounding."""
+    model = llama(tokenizer, dtype=torch.float64)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    recipe = dict(
+        steps=3, lr=0.05, optimizer="adam", lora_rank=4, lora_targets=("*q_proj", "*v_proj")
+    )
+    naive = EmpiricalInfluence(task, engine="naive", progress=False, **recipe).score(model, ex, ex)
+    batched = EmpiricalInfluence(task, chunk_size=3, progress=False, **recipe).score(model, ex, ex)
+    assert np.abs(naive.values - batched.values).max() < 1e-6  # float32 storage of the scores
+
+
+def test_lora_groups_equal_peft_on_the_group(tokenizer):
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    recipe = dict(
+        steps=2, lr=0.05, optimizer="sgd", lora_rank=4, lora_targets=("*q_proj", "*v_proj")
+    )
+    groups = [[0, 1], [2], [1, 3, 4]]
+    naive = EmpiricalInfluence(task, engine="naive", progress=False, **recipe)
+    batched = EmpiricalInfluence(task, chunk_size=3, progress=False, **recipe)
+    a = naive.score(model, ex, ex, groups=groups)
+    b = batched.score(model, ex, ex, groups=groups)
+    assert np.abs(a.values - b.values).max() < 1e-5
+    assert a.train_ids[0] == "0+1"
+
+
+def test_full_fine_tuning_of_an_lm_differs_from_lora(tokenizer):
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS[:3])
+    full = EmpiricalInfluence(task, engine="naive", steps=1, lr=0.05, progress=False)
+    lora = EmpiricalInfluence(
+        task,
+        engine="naive",
+        steps=1,
+        lr=0.05,
+        lora_rank=4,
+        lora_targets=("*q_proj",),
+        progress=False,
+    )
+    a, b = full.score(model, ex, ex), lora.score(model, ex, ex)
+    assert np.all(np.diag(a.values) > 0)  # learning a text makes it more likely
+    assert np.abs(a.values - b.values).max() > 1e-3
+
+
+# --- prompted EIF ------------------------------------------------------------------------
+
+
+def test_prompted_equals_hand_computation(tokenizer):
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    train = task.examples(
+        ["a wug is a blicket.", ("all blickets", " have a dax.")], ids=["s0", "s1"]
+    )
+    probes = task.examples(
+        [("a wug has a", " dax."), "in winter, frogs hibernate."], ids=["q0", "q1"]
+    )
+    scores = PromptedInfluence(task, progress=False).score(model, train, probes)
+    contexts = ["a wug is a blicket.", "all blickets have a dax."]
+    queries = [("a wug has a", " dax."), ("", "in winter, frogs hibernate.")]
+    for i, context in enumerate(contexts):
+        for j, (prompt, completion) in enumerate(queries):
+            expected = reference_log_prob(
+                model, tokenizer, f"{context}\n{prompt}", completion
+            ) - reference_log_prob(model, tokenizer, prompt, completion)
+            assert scores.values[i, j] == pytest.approx(expected, abs=1e-4)
+    assert scores.settings["template"] == "{context}\n{prompt}"
+
+
+def test_prompted_resumes_from_partitions(tokenizer, tmp_path):
+    from datafluence.store import RunDir
+
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    method = PromptedInfluence(task, batch_size=5, progress=False)
+    first = method.score(model, ex, ex, run=RunDir(tmp_path).open({"x": 1}))
+    files = sorted((tmp_path / "partitions").rglob("rows_*.npy"))
+    assert len(files) == len(ITEMS)  # one row per partition at batch_size = n_queries
+    files[-1].unlink()
+    again = method.score(model, ex, ex, run=RunDir(tmp_path).open({"x": 1}))
+    assert np.array_equal(first.values, again.values)
+
+
+def test_prompted_bad_input(tokenizer):
+    task = CausalLMTask(tokenizer)
+    with pytest.raises(ValueError, match="must contain both"):
+        PromptedInfluence(task, template="{context}")
+    ex = task.examples(ITEMS)
+    stripped = type(ex)(ex.tensors, ex.ids)  # no raw texts kept
+    with pytest.raises(ValueError, match="raw texts"):
+        PromptedInfluence(task, progress=False).score(llama(tokenizer), stripped, ex)
+
+
+# --- knowledge domains ---------------------------------------------------------------------
+
+
+def test_shipped_domains_load_and_instantiate(tokenizer):
+    assert {"transitivity", "chain_induces", "belongs_to"} <= set(available_domains())
+    for name in available_domains():
+        domain = load_domain(name)
+        insts = instantiate(domain, tokenizer, 2, seed=3)
+        assert len(insts) == 2 and insts[0].words != insts[1].words
+        assert insts[0].texts[CONTROL_ID].startswith("in winter")
+        for text in insts[0].texts.values():
+            assert "{" not in text
+        again = instantiate(domain, tokenizer, 2, seed=3)
+        assert again[0].texts == insts[0].texts  # seeded
+        names, groups = insts[0].rows()
+        assert len(names) == len(groups) == len(insts[0].texts) + len(domain.groups)
+
+
+def test_nonce_words_have_few_rare_pieces(tokenizer):
+    words = nonce_words(tokenizer, 6, seed=0, min_tokens=2, max_tokens=3)
+    assert len(set(words)) == 6
+    for w in words:
+        assert 2 <= len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) <= 3
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (
+            {
+                "name": "x",
+                "placeholders": ["A"],
+                "sentences": [{"id": "s", "text": "{A} and {Q}", "role": "premise"}],
+            },
+            "unknown placeholder.*Q",
+        ),
+        ({"name": "x", "sentences": []}, "missing field 'placeholders'"),
+        (
+            {"name": "x", "placeholders": ["A"], "sentences": [{"id": "s", "role": "premise"}]},
+            "missing field 'text'",
+        ),
+        (
+            {
+                "name": "x",
+                "placeholders": ["A"],
+                "sentences": [{"id": "s", "text": "{A}", "role": "guess"}],
+            },
+            "unknown role",
+        ),
+        (
+            {
+                "name": "x",
+                "placeholders": ["A"],
+                "sentences": [{"id": "s", "text": "{A}", "role": "premise"}],
+                "groups": {"g": ["t"]},
+            },
+            "unknown sentences",
+        ),
+    ],
+)
+def test_bad_domain_files(raw, match):
+    with pytest.raises(ValueError, match=match):
+        parse_domain(raw)
+
+
+def test_domain_file_by_path_and_unknown_name(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "placeholders": ["A"],
+                "sentences": [{"id": "s", "text": "a {A}.", "role": "premise"}],
+            }
+        )
+    )
+    assert load_domain(path).name == "mine"
+    with pytest.raises(ValueError, match="unknown domain 'nope'"):
+        load_domain("nope")
+
+
+# --- logic desiderata ----------------------------------------------------------------------
+
+
+def test_logic_checks_on_a_constructed_matrix():
+    rows = ("A_is_B", "Bs_have_C", "A_has_C", "A_lacks_C", "C_has_A", "control", "premises")
+    cols = rows[:-1]
+    values = np.zeros((len(rows), len(cols)))
+    p = rows.index("premises")
+    values[p, cols.index("A_is_B")] = 4.0
+    values[p, cols.index("Bs_have_C")] = 2.0
+    values[p, cols.index("A_has_C")] = 1.5
+    values[p, cols.index("A_lacks_C")] = 0.5
+    values[p, cols.index("C_has_A")] = -1.0
+    values[:5, cols.index("control")] = 0.1
+    values[p, cols.index("control")] = 0.3
+    scores = Scores(values, rows, cols, method="test")
+    checks = load_domain("transitivity").checks
+    out = logic.logic_checks(
+        scores,
+        {k: checks[k] for k in ("transitivity", "consistency")}
+        | {"direction": {"source": "premises", "correct": "A_has_C", "reversed": "C_has_A"}},
+    )
+    assert out["transitivity_implied"] == 1.5
+    assert out["transitivity_premises"] == 3.0
+    assert out["transitivity_ratio"] == 0.5
+    assert out["consistency"] == 1.0
+    assert out["direction"] == 2.5
+    assert out["leakage_mean"] == pytest.approx((5 * 0.1 + 0.3) / 6)
+    agg = logic.aggregate([out, {**out, "consistency": -1.0}])
+    assert agg["consistency_share_positive"] == 0.5
+    assert agg["consistency_mean"] == 0.0
+
+
+def test_diffuseness():
+    d = logic.diffuseness(np.array([[-1.0, 1.0], [2.0, 3.0]]), bins=4)
+    assert d["share_negative"] == 0.25
+    assert sum(d["histogram"]["counts"]) == 4
+    with pytest.raises(ValueError, match="finite"):
+        logic.diffuseness(np.array([np.nan]))
