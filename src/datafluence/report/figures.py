@@ -122,13 +122,14 @@ def plot_noise(
 
 def plot_mode_matrices(by_mode: Mapping[str, Scores], path: str | Path, title: str = "") -> Path:
     """One heatmap per mode (learned, prompted), rows = fine-tuned/prompted item, columns =
-    probes, on one colour scale so the modes compare directly."""
+    probes; each on its own colour scale, since structure is the point (magnitudes are in
+    the table)."""
     modes = list(by_mode)
-    limit = max(float(np.abs(as_array(s)).max()) for s in by_mode.values()) or 1.0
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 5.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.8 * len(modes), 5.4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         scores = by_mode[mode]
-        im = _draw_matrix(ax, as_array(scores), limit=limit)
+        im = _draw_matrix(ax, as_array(scores))
+        fig.colorbar(im, ax=ax, shrink=0.8, label="EIF (Δ log p)")
         ax.set_xticks(range(len(scores.query_ids)))
         ax.set_xticklabels(scores.query_ids, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(scores.train_ids)))
@@ -136,7 +137,6 @@ def plot_mode_matrices(by_mode: Mapping[str, Scores], path: str | Path, title: s
         ax.set_title(mode)
         ax.set_xlabel("probe")
         ax.set_ylabel("learned / prompted")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="EIF (Δ log p)")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
