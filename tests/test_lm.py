@@ -411,3 +411,66 @@ def test_diffuseness():
     assert sum(d["histogram"]["counts"]) == 4
     with pytest.raises(ValueError, match="finite"):
         logic.diffuseness(np.array([np.nan]))
+
+
+# --- loading models and the experiment end to end ------------------------------------------
+
+
+def test_load_causal_lm_errors(tmp_path):
+    from datafluence.models.language import load_causal_lm
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_causal_lm(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_causal_lm(tmp_path / "empty")
+    bert = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="not a causal language model"):
+        load_causal_lm(tmp_path / "bert")
+
+
+def test_knowledge_domains_experiment_end_to_end(tokenizer, tmp_path):
+    from datafluence.experiments.knowledge_domains import KnowledgeConfig, run
+    from datafluence.finetune import FinetuneRecipe
+    from datafluence.store import RunMismatchError
+
+    folder = tmp_path / "tiny-llama"
+    llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = FinetuneRecipe(
+        steps=1, lr=0.05, optimizer="sgd", lora_rank=2, lora_targets=("*q_proj",)
+    )
+    config = KnowledgeConfig(
+        model=str(folder), domains=("belongs_to", "transitivity"), n_instances=2, recipe=recipe
+    )
+    out = tmp_path / "run"
+    metrics = run(out, config, progress=False, log=lambda *a: None)
+    for name in ("belongs_to", "transitivity"):
+        for mode in ("learned", "prompted"):
+            scores = Scores.load(out / name / mode / "inst1")
+            assert scores.shape[1] == len(load_domain(name).sentences) + 1  # + control
+            m = metrics["domains"][name][mode]
+            assert {"consistency_mean", "direction_share_positive", "leakage_mean_mean"} <= set(
+                m["logic"]
+            )
+            assert -1 <= m["symmetry"]["spearman"] <= 1
+    assert (out / "transitivity" / "learned" / "inst0" / "scores.npy").exists()
+    for figure in ("belongs_to_matrices.png", "eif_histogram.png", "symmetry.png"):
+        assert (out / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["diffuseness"]["learned"]["share_negative"] >= 0
+    before = (out / "belongs_to" / "learned" / "inst0" / "scores.npy").read_bytes()
+    run(out, config, progress=False, log=lambda *a: None)  # a finished run is reused as is
+    assert (out / "belongs_to" / "learned" / "inst0" / "scores.npy").read_bytes() == before
+    other = KnowledgeConfig(
+        model=str(folder), domains=("belongs_to",), n_instances=2, recipe=recipe
+    )
+    with pytest.raises(RunMismatchError, match="overwrite"):
+        run(out, other, progress=False, log=lambda *a: None)

