@@ -474,3 +474,14 @@ def test_knowledge_domains_experiment_end_to_end(tokenizer, tmp_path):
     )
     with pytest.raises(RunMismatchError, match="overwrite"):
         run(out, other, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompted_prefix_cache_equals_full_sequences(tokenizer, arch):
+    model = llama(tokenizer) if arch == "llama" else gpt2(tokenizer)
+    task = CausalLMTask(tokenizer)
+    ex = task.examples(ITEMS)
+    cached = PromptedInfluence(task, batch_size=3, progress=False).score(model, ex, ex)
+    plain = PromptedInfluence(task, reuse_prefix=False, progress=False).score(model, ex, ex)
+    assert np.abs(cached.values - plain.values).max() < 1e-4
+    assert np.abs(cached.values).max() > 1e-3

@@ -293,14 +293,26 @@ class CausalLMTask(Task):
         if not items:
             raise ValueError("the example set is empty; give at least one text")
         encoded = [self.encode(item) for item in items]
+        return self.examples_from_ids(encoded, ids, tuple(items))
+
+    def examples_from_ids(
+        self,
+        encoded: Sequence[tuple[list[int], int]],
+        ids: Sequence[str] | None = None,
+        items: tuple[Any, ...] | None = None,
+    ) -> Examples:
+        """Right-padded examples from (token ids, completion start) pairs."""
+        if not encoded:
+            raise ValueError("the example set is empty; give at least one text")
         longest = max(len(ids_) for ids_, _ in encoded)
         if self.max_length is not None and longest > self.max_length:
-            worst = max(range(len(items)), key=lambda i: len(encoded[i][0]))
+            worst = max(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+            shown = items[worst] if items is not None else f"number {worst}"
             raise ValueError(
-                f"example {items[worst]!r} has {longest} tokens, more than the model's context of "
+                f"example {shown!r} has {longest} tokens, more than the model's context of "
                 f"{self.max_length}; shorten it or raise max_length"
             )
-        n = len(items)
+        n = len(encoded)
         input_ids = torch.full((n, longest), int(self.tokenizer.pad_token_id), dtype=torch.long)
         attention = torch.zeros((n, longest), dtype=torch.long)
         target = torch.zeros((n, longest), dtype=torch.long)
@@ -310,7 +322,7 @@ class CausalLMTask(Task):
             target[row, start : len(token_ids)] = 1
         names = tuple(str(i) for i in ids) if ids is not None else tuple(str(i) for i in range(n))
         tensors = {"input_ids": input_ids, "attention_mask": attention, "target_mask": target}
-        return Examples(tensors, names, tuple(items))
+        return Examples(tensors, names, items)
 
     def check(self, examples: Examples, role: str = "examples") -> None:
         super().check(examples, role)

@@ -2,10 +2,16 @@
 
 EIF_ctx(s -> q) = log p_θ(c_q | s ⊕ p_q) − log p_θ(c_q | p_q): no weight changes, the same
 completion tokens measured with and without the training text in front of the prompt.
+
+A sequence is assembled from token lists, [start] + tokens(prefix) + tokens(prompt + suffix)
++ tokens(completion), where the template "…{context}…{prompt}…" gives the prefix (up to
+{prompt}, with the context filled in) and the suffix. Every query of a row shares the
+prefix, so its key/value cache is computed once and reused across the row's queries.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -18,7 +24,7 @@ from datafluence import store
 from datafluence.finetune import measure
 from datafluence.scores import Scores
 from datafluence.store import RunDir
-from datafluence.tasks import CausalLMTask, Examples
+from datafluence.tasks import CausalLMTask, Examples, eval_mode
 
 DEFAULT_TEMPLATE = "{context}\n{prompt}"
 
@@ -38,15 +44,18 @@ class PromptedInfluence:
         task: CausalLMTask,
         template: str = DEFAULT_TEMPLATE,
         batch_size: int = 64,
+        reuse_prefix: bool = True,
         progress: bool = True,
     ) -> None:
         if not isinstance(task, CausalLMTask):
             raise TypeError("prompted influence needs a CausalLMTask (text in, text out)")
-        if "{context}" not in template or "{prompt}" not in template:
+        if template.count("{context}") != 1 or template.count("{prompt}") != 1:
             raise ValueError(
-                f"template {template!r} must contain both {{context}} and {{prompt}}, "
-                "e.g. '{context}\\n{prompt}'"
+                f"template {template!r} must contain both {{context}} and {{prompt}} once, "
+                "e.g. '{context}\n{prompt}'"
             )
+        if template.index("{context}") > template.index("{prompt}"):
+            raise ValueError("the template must place {context} before {prompt}")
         if task.start_id is None:
             raise ValueError(
                 "the tokenizer has neither a BOS nor an EOS token, so a plain-text query's first "
@@ -56,17 +65,29 @@ class PromptedInfluence:
         self.task = task
         self.template = template
         self.batch_size = batch_size
+        self.reuse_prefix = reuse_prefix
         self.progress = progress
 
     def settings(self) -> dict[str, Any]:
         return {"template": self.template, **self.task.settings()}
 
-    def pairs(self, context: str, queries: Examples) -> list[tuple[str, str]]:
-        """(prompt with the context in front, completion) for every query."""
+    def _tokens(self, text: str) -> list[int]:
+        return self.task.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prefix_ids(self, context: str) -> list[int]:
+        head = self.template.split("{prompt}")[0].format(context=context)
+        return [self.task.start_id, *self._tokens(head)]
+
+    def rests(self, queries: Examples) -> list[tuple[list[int], int]]:
+        """Per query: the tokens after the prefix, and where its completion starts in them."""
+        suffix = self.template.split("{prompt}")[1]
         out = []
         for item in _items(queries, "queries"):
             prompt, completion = ("", item) if isinstance(item, str) else item
-            out.append((self.template.format(context=context, prompt=prompt), completion))
+            head, tail = self._tokens(prompt + suffix), self._tokens(completion)
+            if not tail:
+                raise ValueError(f"query {item!r} has no completion token to measure")
+            out.append((head + tail, len(head)))
         return out
 
     def score(
@@ -76,21 +97,26 @@ class PromptedInfluence:
         self.task.check(queries, "probe")
         device = next(model.parameters()).device
         base = measure(model, self.task, queries.to(device).tensors).float()
+        rests = self.rests(queries)
         start = time.perf_counter()
 
         def compute(lo: int, hi: int) -> np.ndarray:
             rows = []
             for context in contexts[lo:hi]:
-                examples = self.task.examples(self.pairs(context, queries)).to(device)
-                if lo == 0 and not rows:
+                prefix = self.prefix_ids(context)
+                if self.reuse_prefix:
+                    values = self._with_cache(model, prefix, rests, device)
+                else:
+                    full = [(prefix + ids, len(prefix) + at) for ids, at in rests]
+                    examples = self.task.examples_from_ids(full).to(device)
                     self.task.check_model(model, examples, "prompted queries")
-                values = torch.cat(
-                    [
-                        measure(model, self.task, examples[s : s + self.batch_size].tensors)
-                        for s in range(0, len(examples), self.batch_size)
-                    ]
-                ).float()
-                rows.append(values - base)
+                    values = torch.cat(
+                        [
+                            measure(model, self.task, examples[s : s + self.batch_size].tensors)
+                            for s in range(0, len(examples), self.batch_size)
+                        ]
+                    )
+                rows.append(values.float() - base)
             return torch.stack(rows).cpu().numpy()
 
         n = len(contexts)
@@ -113,6 +139,47 @@ class PromptedInfluence:
             )
         settings = {**self.settings(), "seconds": round(time.perf_counter() - start, 3)}
         return Scores(values, train.ids, queries.ids, method=self.name, settings=settings)
+
+    @torch.no_grad()
+    def _with_cache(
+        self, model: nn.Module, prefix: list[int], rests: list[tuple[list[int], int]], device
+    ) -> torch.Tensor:
+        """log p(completion | prefix + rest) for every rest, the prefix run once."""
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        longest = len(prefix) + max(len(ids) for ids, _ in rests)
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"a prompted query has {longest} tokens but the model's context is {limit}; "
+                "shorten the texts"
+            )
+        with eval_mode(model):
+            out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            last = torch.log_softmax(out.logits[0, -1].float(), -1)
+            results = []
+            for s in range(0, len(rests), self.batch_size):
+                chunk = rests[s : s + self.batch_size]
+                width = max(len(ids) for ids, _ in chunk)
+                ids = torch.full((len(chunk), width), int(self.task.tokenizer.pad_token_id))
+                mask = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)
+                target = torch.zeros((len(chunk), width))
+                for r, (tokens, at) in enumerate(chunk):
+                    ids[r, : len(tokens)] = torch.tensor(tokens)
+                    mask[r, : len(prefix) + len(tokens)] = 1
+                    target[r, at : len(tokens)] = 1
+                cache = copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(len(chunk))
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache
+                ).logits.float()
+                # token r of the rest is predicted by rest position r-1, token 0 by the prefix
+                head = logits[:, :-1]
+                picked = head.gather(-1, ids[:, 1:, None].to(device))[..., 0]
+                logp = picked - torch.logsumexp(head, dim=-1)
+                first = last[ids[:, 0].to(device)]
+                token_logp = torch.cat([first[:, None], logp], dim=1)
+                results.append((token_logp * target.to(device)).sum(1))
+        values = torch.cat(results)
+        return values.exp() if self.task.measurement == "prob" else values
 
 
 def _items(examples: Examples, role: str) -> tuple[Any, ...]:
