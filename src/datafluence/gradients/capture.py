@@ -11,8 +11,8 @@ gradient with respect to the module's own output.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -35,7 +35,9 @@ class Capture:
 
     def __enter__(self) -> Capture:
         for layer in self.space.layers:
-            self._handles.append(layer.module.register_forward_hook(partial(self._forward, layer.name)))
+            self._handles.append(
+                layer.module.register_forward_hook(partial(self._forward, layer.name))
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,7 +122,11 @@ def batch_size_of(batch: Mapping[str, Tensor]) -> int:
 
 
 def gradient_factors(
-    model: nn.Module, task: Task, batch: Mapping[str, Tensor], space: ParamSpace, which: str = "loss"
+    model: nn.Module,
+    task: Task,
+    batch: Mapping[str, Tensor],
+    space: ParamSpace,
+    which: str = "loss",
 ) -> Factors:
     """(a, g) per layer for the per-example loss ("loss") or measurement ("measure")."""
     fn = objective(task, which)
@@ -154,7 +160,9 @@ def per_example_gradients(
     parts: dict[str, list[Tensor]] = {name: [] for name in space.names}
     for lo in range(0, n, chunk_size):
         batch = {k: v[lo : lo + chunk_size] for k, v in tensors.items()}
-        for name, grads in factors_to_gradients(space, gradient_factors(model, task, batch, space, which)).items():
+        for name, grads in factors_to_gradients(
+            space, gradient_factors(model, task, batch, space, which)
+        ).items():
             parts[name].append(grads)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
@@ -181,3 +189,34 @@ def check_devices(model: nn.Module, examples: Sequence[tuple[str, Examples]]) ->
                     f"move them together, e.g. {role} = {role}.to({str(device)!r})"
                 )
     return device
+
+
+def all_factors(
+    model: nn.Module,
+    task: Task,
+    examples: Examples,
+    space: ParamSpace,
+    which: str = "measure",
+    chunk_size: int = 64,
+) -> Factors:
+    """(a, g) per layer for a whole (small) set of examples, e.g. the queries."""
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in space.names}
+    for _, _, batch in chunks(examples, chunk_size):
+        for name, pair in gradient_factors(model, task, batch, space, which).items():
+            parts[name].append(pair)
+    return {
+        name: (torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs]))
+        for name, pairs in parts.items()
+    }
+
+
+def data_fingerprint(examples: Examples) -> str:
+    """A hash of the ids and every tensor's bytes: fitted statistics are tied to their data."""
+    h = hashlib.sha256()
+    for i in examples.ids:
+        h.update(i.encode() + b"\0")
+    for key in sorted(examples.tensors):
+        t = examples.tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

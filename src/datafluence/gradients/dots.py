@@ -66,6 +66,15 @@ def squared_norms(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
     return layer.per_example(a, g).pow(2).sum(dim=(1, 2))
 
 
+def squared_sum(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
+    """Σ_i (Σ_t g_t a_tᵀ)² elementwise [d_out, d_in'], float64; with one token it is
+    (g²)ᵀ(a²), so no per-example matrix is built."""
+    if a.shape[1] == 1 and not layer.indexed:
+        return (g[:, 0].double() ** 2).T @ (a[:, 0].double() ** 2)
+    grads = layer.per_example(a, g)
+    return (grads * grads).sum(0, dtype=torch.float64)
+
+
 def low_rank(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Best rank-r factors (U [Q, d_out, r], V [Q, d_in', r]) of each matrix, U V ᵀ ≈ M."""
     u, s, vh = torch.linalg.svd(matrices.double(), full_matrices=False)

@@ -164,8 +164,10 @@ class Layer:
             raise ValueError(
                 f"module {self.name!r} saw a tensor of shape {tuple(t.shape)} for a batch of "
                 f"{batch_size} examples; per-example gradients need the batch as the first "
-                "dimension of every selected module's input and output (leave this module out "
-                "of `modules` if the model reshapes the batch away)"
+                "dimension of every selected module's input and output. A module shared "
+                "across the batch (e.g. position embeddings fed [1, T] ids) or one the model "
+                "reshapes the batch away for cannot be split per example: leave it out of "
+                "`modules`"
             )
 
     # -- operations on captured factors a [B, T, d_in'] (or indices) and g [B, T, d_out] --
@@ -213,19 +215,29 @@ def resolve_layers(
 ) -> list[Layer]:
     """The supported modules chosen by name or type, in model order.
 
-    None selects every supported module. A name picks that module, or every supported module
-    inside it when it is a container; a type picks every module of that type.
+    None selects every Linear, Conv2d and Conv1D module that owns its weights. Embeddings
+    are left out (their per-example gradients are vocabulary-sized, and position embeddings
+    are shared across the batch), and so are tied weights (a language model's input embedding
+    and output head) and layers used through their weights inside nn.MultiheadAttention;
+    name them (or their type) to include them. A name picks that module, or every supported
+    module inside it when it is a container; a type picks every module of that type.
     """
     named = dict(model.named_modules())
+    tied = _tied(model)
     if modules is None:
         chosen = [
-            n for n, m in named.items() if layer_kind(m) and not _used_by_functional_call(n, named)
+            n
+            for n, m in named.items()
+            if layer_kind(m) not in (None, "embedding")
+            and n not in tied
+            and not _used_by_functional_call(n, named)
         ]
         if not chosen:
             found = sorted({type(m).__name__ for m in named.values()})
             raise ValueError(
-                f"the model has no supported modules ({SUPPORTED}); it contains {found}. "
-                "Influence needs at least one of the supported layer types"
+                f"the model has no Linear, Conv2d or Conv1D module with weights of its own "
+                f"(it contains {found}); name supported modules ({SUPPORTED}) in `modules`, or "
+                "use a model with at least one such layer"
             )
         return [Layer(n, named[n], layer_kind(named[n]) or "") for n in chosen]
     specs: Sequence[str | type] = (
@@ -265,10 +277,32 @@ def resolve_layers(
                 f"supported modules; per-example gradients cover {SUPPORTED}"
             )
         chosen_set.update(dict.fromkeys(inner))
+    for n in chosen_set:
+        if n in tied:
+            raise ValueError(
+                f"the weights of module {n!r} are tied to {tied[n]}; per-example gradients of "
+                "tied weights are not supported; leave these modules out of `modules`"
+            )
     order = {n: i for i, n in enumerate(named)}
     return [
         Layer(n, named[n], layer_kind(named[n]) or "") for n in sorted(chosen_set, key=order.get)
     ]
+
+
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the other modules sharing one of its parameters."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    out: dict[str, list[str]] = {}
+    for names in owners.values():
+        for n in names:
+            others = [m for m in names if m != n]
+            if others:
+                out.setdefault(n, []).extend(o for o in others if o not in out.get(n, []))
+    return out
 
 
 def _used_by_functional_call(name: str, named: dict[str, nn.Module]) -> bool:

@@ -49,7 +49,13 @@ def assemble(
     else:
         run.path.mkdir(parents=True, exist_ok=True)
         rows = run.partitioned(
-            name, n_rows, width, chunk_size, block, desc=name, progress=progress,
+            name,
+            n_rows,
+            width,
+            chunk_size,
+            block,
+            desc=name,
+            progress=progress,
             dest=run.path / f"{name}.npy",
         )
     values = rows[:, :n_cols]

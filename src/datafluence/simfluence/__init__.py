@@ -22,7 +22,12 @@ from datafluence.simfluence.evaluate import (
     final_spearman,
     summarize,
 )
-from datafluence.simfluence.logger import RunLogger, collect_runs, trainer_callback
+from datafluence.simfluence.logger import (
+    RunLogger,
+    collect_runs,
+    train_curriculum,
+    trainer_callback,
+)
 from datafluence.simfluence.simulators import (
     DEFAULT_LAMBDAS,
     SIMULATORS,
@@ -30,9 +35,11 @@ from datafluence.simfluence.simulators import (
     LinearSimulator,
     MultiplicativeSimulator,
     Simulator,
+    load_simulator,
     make_simulator,
     rollout,
 )
+from datafluence.simfluence.tracin import gradient_dots, tracin_cp
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -49,6 +56,8 @@ __all__ = [
     "duplicate",
     "evaluate",
     "final_spearman",
+    "gradient_dots",
+    "load_simulator",
     "make_simulator",
     "put_first",
     "put_last",
@@ -57,5 +66,7 @@ __all__ = [
     "remove",
     "rollout",
     "summarize",
+    "tracin_cp",
+    "train_curriculum",
     "trainer_callback",
 ]

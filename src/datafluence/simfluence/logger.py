@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from datafluence import store
+from datafluence.simfluence._checks import check_curricula
 from datafluence.simfluence.curricula import random_curriculum
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task, eval_mode
@@ -247,15 +248,10 @@ def collect_runs(
     """
     if R < 1 or T < 1 or b < 1:
         raise ValueError(f"R, T and b must be at least 1, got {R}, {T}, {b}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adam'")
+    _check_recipe(lr, optimizer)
     task.check(pool, "pool")
     task.check(test, "test")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        start_model = make_model()
+    start_model = _start_model(make_model, seed)
     init = {k: v.detach().clone() for k, v in start_model.state_dict().items()}
     settings = {
         "kind": "simfluence-runs",
@@ -297,6 +293,58 @@ def collect_runs(
     return curricula, losses
 
 
+def train_curriculum(
+    make_model: Callable[[], nn.Module],
+    pool: Examples,
+    test: Examples,
+    task: Task,
+    curriculum: np.ndarray,
+    lr: float,
+    *,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    seed: int = 0,
+    run: int = 0,
+    before_step: Callable[[int, nn.Module], None] | None = None,
+) -> np.ndarray:
+    """Train one curriculum [T, b] from `collect_runs`' starting point; its losses [T+1, M].
+
+    Counterfactual curricula are checked against reality with this: given run r's own
+    curriculum and `run=r` it reproduces `collect_runs`' run r exactly (same start, same
+    torch seed); given an edited curriculum it answers "what if run r had trained on this".
+    `before_step(t, model)` is called before step t (parameters θ_t, t = 0..T−1), e.g. to
+    take TracIn checkpoints; it must not change the model.
+    """
+    _check_recipe(lr, optimizer)
+    task.check(pool, "pool")
+    task.check(test, "test")
+    if np.ndim(curriculum) != 2:
+        raise ValueError(
+            f"train_curriculum trains one curriculum [steps, batch], got shape "
+            f"{np.shape(curriculum)}; loop over runs for several"
+        )
+    c = check_curricula(curriculum, len(pool))[0]
+    init = _start_state(make_model, seed)
+    return _train_one(make_model, init, pool, test, task, c, lr, optimizer, seed, run, before_step)
+
+
+def _check_recipe(lr: float, optimizer: str) -> None:
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'sgd' or 'adam'")
+
+
+def _start_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_model()
+
+
+def _start_state(make_model: Callable[[], nn.Module], seed: int) -> dict[str, Tensor]:
+    model = _start_model(make_model, seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _train_one(
     make_model: Callable[[], nn.Module],
     init: Mapping[str, Tensor],
@@ -308,6 +356,7 @@ def _train_one(
     optimizer: str,
     seed: int,
     r: int,
+    before_step: Callable[[int, nn.Module], None] | None = None,
 ) -> np.ndarray:
     """One run from the shared start; returns its [T+1, M] test losses."""
     with torch.random.fork_rng(devices=[]):
@@ -323,8 +372,11 @@ def _train_one(
         )
         logger = RunLogger(test, task, model)
         logger.start()
-        for ids in curriculum:
-            batch = pool[torch.as_tensor(ids)].tensors
+        for t, ids in enumerate(curriculum):
+            if before_step is not None:
+                before_step(t, model)
+            idx = torch.as_tensor(ids)  # a batch may hold an example twice: no Examples
+            batch = {k: v[idx] for k, v in pool.tensors.items()}
             loss = task.loss(model, batch).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,12 +21,15 @@ then refitted on all runs with that λ.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import pandas as pd
 
+from datafluence import store
 from datafluence.scores import Scores
 from datafluence.simfluence._checks import (
     check_curricula,
@@ -286,6 +289,35 @@ class Simulator:
             **extra,
         }
 
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted simulator to one .npz file (atomically); `load_simulator` reads it."""
+        self._check_fitted()
+        meta = {
+            "kind": self.kind,
+            "lams": list(self.lams),
+            "a_prior": self.a_prior,
+            "solver": self.solver,
+            "refit": self.refit,
+            "max_bytes": self.max_bytes,
+            "lam_": self.lam_,
+            "solver_": self.solver_,
+            "a_prior_": self.a_prior_,
+            "batch_size_": self.batch_size_,
+            "n_runs_": self.n_runs_,
+            "pool_ids": list(self.pool_ids),
+            "test_ids": list(self.test_ids),
+        }
+        arrays = {"loss_level": self.loss_level_, "occurrences": self.occurrences_}
+        for name, value in (("A", self.A_), ("B", self.B_)):
+            if value is not None:
+                arrays[name] = value
+        if self.selection_ is not None:
+            arrays["selection"] = self.selection_[["lam", "val_mse"]].to_numpy()
+        path = Path(path)
+        with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+        return path
+
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit() first")
@@ -352,3 +384,31 @@ def rollout(
     b = None if B is None else np.asarray(B, dtype=np.float64)
     out = Simulator._rollout(a, b, c, l0)
     return out[0] if single else out
+
+
+def load_simulator(path: str | Path) -> Simulator:
+    """A fitted simulator from the file `Simulator.save` wrote."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; save a fitted simulator there first")
+    with np.load(path, allow_pickle=False) as saved:
+        meta = json.loads(str(saved["meta"]))
+        arrays = {name: saved[name] for name in saved.files if name != "meta"}
+    sim = make_simulator(
+        meta["kind"],
+        lam=meta["lams"],
+        a_prior=meta["a_prior"],
+        solver=meta["solver"],
+        refit=meta["refit"],
+        max_bytes=meta["max_bytes"],
+    )
+    sim.pool_ids, sim.test_ids = tuple(meta["pool_ids"]), tuple(meta["test_ids"])
+    sim._fingerprint = pool_fingerprint(sim.pool_ids)
+    sim.lam_, sim.solver_, sim.a_prior_ = meta["lam_"], meta["solver_"], meta["a_prior_"]
+    sim.batch_size_, sim.n_runs_ = meta["batch_size_"], meta["n_runs_"]
+    sim.A_, sim.B_ = arrays.get("A"), arrays.get("B")
+    sim.loss_level_, sim.occurrences_ = arrays["loss_level"], arrays["occurrences"]
+    if "selection" in arrays:
+        sim.selection_ = pd.DataFrame(arrays["selection"], columns=["lam", "val_mse"])
+    sim._fitted = True
+    return sim

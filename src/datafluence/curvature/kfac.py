@@ -1,0 +1,171 @@
+"""K-FAC and EK-FAC: per-layer Kronecker-factored Gauss-Newton blocks.
+
+For a layer y_t = M a_t, G_l ≈ S ⊗ A (row-major vec of M) with
+  A = mean over all tokens of a_t a_tᵀ,  S = mean over examples of Σ_t E_y[g_t g_tᵀ],
+tokens treated as independent, so the scale matches G = mean_i J_iᵀ H_i J_i. Both factors
+are accumulated and eigendecomposed in float64. K-FAC's eigenvalues in the Kronecker
+eigenbasis are λ_S ⊗ λ_A; EK-FAC replaces them by the mean squared projection of the true
+per-example gradients (summed over tokens) onto that basis (George et al. 2018). Embedding
+inputs are one-hot, so their A is diagonal and kept as a vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from datafluence.curvature.base import Curvature, FitContext, register
+from datafluence.curvature.damping import Damping, resolve
+from datafluence.curvature.fisher import check_fisher, fisher_factors
+from datafluence.gradients.dots import squared_sum
+from datafluence.gradients.space import Blocks
+
+
+def _eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition in float64 with a clear error for broken statistics."""
+    matrix = matrix.double()
+    if not torch.isfinite(matrix).all():
+        raise FloatingPointError(
+            f"the {what} contains NaN/Inf; some training examples give non-finite activations "
+            "or gradients - check the model (and its inputs) before fitting the curvature"
+        )
+    try:
+        vals, vecs = torch.linalg.eigh((matrix + matrix.T) / 2)
+    except RuntimeError as err:  # torch.linalg.LinAlgError
+        raise FloatingPointError(f"eigendecomposition of the {what} failed: {err}") from err
+    return vals.clamp(min=0), vecs
+
+
+@register
+class KFAC(Curvature):
+    """Kronecker-factored curvature per layer; `fisher` picks how labels are chosen."""
+
+    name = "kfac"
+
+    def __init__(self, damping: Damping = None, fisher: str = "sample") -> None:
+        super().__init__(damping)
+        self.fisher = check_fisher(fisher)
+        self.a_vals: dict[str, Tensor] = {}
+        self.a_vecs: dict[str, Tensor | None] = {}  # None: identity (embedding)
+        self.s_vals: dict[str, Tensor] = {}
+        self.s_vecs: dict[str, Tensor] = {}
+        self.eigs: dict[str, Tensor] = {}  # [d_out, d_in'] eigenvalues in the KFE basis
+
+    def options(self) -> dict[str, Any]:
+        return {"fisher": self.fisher}
+
+    def _fit(self, ctx: FitContext) -> None:
+        space = ctx.space
+        a_sum: dict[str, Tensor] = {}
+        tokens = dict.fromkeys(space.names, 0)
+        s_sum: dict[str, Tensor] = {}
+        for i, _, factors in fisher_factors(ctx, self.fisher, stream=0):
+            for name, (a, g) in factors.items():
+                if i == 0:
+                    moment, count = space.by_name[name].input_second_moment(a)
+                    a_sum[name] = a_sum[name] + moment if name in a_sum else moment
+                    tokens[name] += count
+                flat = g.reshape(-1, g.shape[-1]).double()
+                s_sum[name] = s_sum[name] + flat.T @ flat if name in s_sum else flat.T @ flat
+        n = len(ctx.train)
+        for layer in space.layers:
+            name = layer.name
+            a = a_sum[name] / tokens[name]
+            if layer.indexed:
+                if not torch.isfinite(a).all():
+                    raise FloatingPointError(f"the input statistics of {name!r} contain NaN/Inf")
+                self.a_vals[name], self.a_vecs[name] = a, None
+            else:
+                self.a_vals[name], self.a_vecs[name] = _eigh(a, f"input factor A of {name!r}")
+            self.s_vals[name], self.s_vecs[name] = _eigh(
+                s_sum[name] / n, f"output-gradient factor S of {name!r}"
+            )
+            self.eigs[name] = torch.outer(self.s_vals[name], self.a_vals[name])
+        self._correct(ctx)
+        self._set_lambdas()
+
+    def _correct(self, ctx: FitContext) -> None:
+        """EK-FAC hook: K-FAC keeps the Kronecker eigenvalues."""
+
+    def _set_lambdas(self) -> None:
+        for name, eig in self.eigs.items():
+            self.lambdas[name] = resolve(self.damping, name, float(eig.mean()))
+
+    def rotate(self, name: str, v: Tensor, back: bool = False) -> Tensor:
+        """Into the Kronecker eigenbasis (Q_Sᵀ V Q_A), or back (Q_S V Q_Aᵀ)."""
+        qs = self.s_vecs[name].to(device=v.device, dtype=v.dtype)
+        qa = self.a_vecs[name]
+        qs = qs if back else qs.T
+        v = qs @ v
+        if qa is not None:
+            qa = qa.to(device=v.device, dtype=v.dtype)
+            v = v @ (qa.T if back else qa)
+        return v
+
+    def _solve(self, vectors: Blocks) -> Blocks:
+        out = {}
+        for name, v in vectors.items():
+            eig = self.eigs[name].to(device=v.device, dtype=v.dtype)
+            out[name] = self.rotate(
+                name, self.rotate(name, v) / (eig + self.lambdas[name]), back=True
+            )
+        return out
+
+    def block(self, name: str) -> Tensor:
+        """The dense, undamped curvature block of one layer (float64; small layers, checks)."""
+        qs = self.s_vecs[name]
+        qa = self.a_vecs[name]
+        if qa is None:
+            qa = torch.eye(self.a_vals[name].numel(), dtype=torch.float64, device=qs.device)
+        q = torch.kron(qs.contiguous(), qa.contiguous())
+        return (q * self.eigs[name].reshape(-1)) @ q.T
+
+    def state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name in self.eigs:
+            out[f"a_vals/{name}"] = self.a_vals[name]
+            if self.a_vecs[name] is not None:
+                out[f"a_vecs/{name}"] = self.a_vecs[name]  # type: ignore[assignment]
+            out[f"s_vals/{name}"] = self.s_vals[name]
+            out[f"s_vecs/{name}"] = self.s_vecs[name]
+            out[f"eigs/{name}"] = self.eigs[name]
+        return {**out, **self._lambda_state()}
+
+    def _load(self, state: dict[str, Tensor]) -> None:
+        assert self.space is not None
+        for name in self.space.names:
+            self.a_vals[name] = state[f"a_vals/{name}"]
+            self.a_vecs[name] = state.get(f"a_vecs/{name}")
+            self.s_vals[name] = state[f"s_vals/{name}"]
+            self.s_vecs[name] = state[f"s_vecs/{name}"]
+            self.eigs[name] = state[f"eigs/{name}"]
+        self._set_lambdas()
+
+
+@register
+class EKFAC(KFAC):
+    """K-FAC's eigenbasis with eigenvalues refitted from per-example gradients."""
+
+    name = "ekfac"
+
+    def _correct(self, ctx: FitContext) -> None:
+        sums = {name: torch.zeros_like(e) for name, e in self.eigs.items()}
+        for _, _, factors in fisher_factors(ctx, self.fisher, stream=1):
+            for name, (a, g) in factors.items():
+                # Q_Sᵀ (Σ_t g_t a_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ: rotating the factors
+                # first costs T·(d_in² + d_out²) per example instead of d_out·d_in·(d_in + d_out).
+                g = g @ self.s_vecs[name].to(g.dtype)
+                qa = self.a_vecs[name]
+                if qa is not None:
+                    a = a.to(g.dtype) @ qa.to(g.dtype)
+                sums[name] = sums[name].to(g.device) + squared_sum(ctx.space.by_name[name], a, g)
+        n = len(ctx.train)
+        for name, s in sums.items():
+            if not torch.isfinite(s).all():
+                raise FloatingPointError(
+                    f"the EK-FAC eigenvalues of {name!r} contain NaN/Inf; some per-example "
+                    "gradients are not finite - check the model and the data"
+                )
+            self.eigs[name] = s / n

@@ -1,0 +1,137 @@
+"""Matrix-free Gauss-Newton and Hessian products over the training set, in flat [P, k] form.
+
+GN: G v = mean_i J_iᵀ H_i J_i v, with J v by the double-backward trick (J v = ∂/∂u ⟨Jᵀu, v⟩)
+and H_i applied in output space. Hessian: H v by double backward of the mean loss. Both run
+the user's module (eval mode) through autograd; products accumulate in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from datafluence.curvature.base import FitContext
+from datafluence.curvature.fisher import loss_from_outputs
+from datafluence.gradients.capture import batch_size_of, chunks, per_example
+from datafluence.tasks import eval_mode
+
+MATRICES = ("gn", "hessian")
+
+
+def check_matrix(matrix: str) -> str:
+    if matrix not in MATRICES:
+        raise ValueError(f"unknown matrix {matrix!r}; choose 'gn' (Gauss-Newton) or 'hessian'")
+    return matrix
+
+
+class CurvatureOperator:
+    """v ↦ G v (mean over the chosen training examples)."""
+
+    def __init__(self, ctx: FitContext, matrix: str = "gn") -> None:
+        self.ctx = ctx
+        self.matrix = check_matrix(matrix)
+        self.dim = ctx.space.dim
+
+    def matvec(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """G V for V [P, k] (float64 result); `indices` restricts the mean to a subset."""
+        ctx = self.ctx
+        examples = ctx.train if indices is None else ctx.train[torch.as_tensor(indices)]
+        out = torch.zeros(vectors.shape, dtype=torch.float64, device=vectors.device)
+        with eval_mode(ctx.model), ctx.space.gradients_on(ctx.model) as params:
+            for _, _, batch in chunks(examples, ctx.chunk_size):
+                product = self._gn if self.matrix == "gn" else self._hessian
+                out += product(batch, params, vectors)
+        return out / len(examples)
+
+    def _hessian(self, batch: dict[str, Tensor], params: list, vectors: Tensor) -> Tensor:
+        losses = per_example(
+            self.ctx.task.loss(self.ctx.model, batch), batch_size_of(batch), "loss"
+        )
+        grads = torch.autograd.grad(losses.sum(), params, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not used:  # the loss is linear in the parameters
+            return torch.zeros_like(vectors)
+        v = self._param_vectors(vectors)
+        hv = _grad([grads[i] for i in used], params, [v[i] for i in used])
+        return self._flat(hv, params)
+
+    def _gn(self, batch: dict[str, Tensor], params: list, vectors: Tensor) -> Tensor:
+        task = self.ctx.task
+        outputs = task.outputs(self.ctx.model, batch)
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        jt_dummy = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(jt_dummy) if g is not None]
+        out_d = outputs.detach().requires_grad_(True)
+        losses = loss_from_outputs(task, out_d, batch)
+        (dl,) = torch.autograd.grad(losses.sum(), out_d, create_graph=True)
+        v = self._param_vectors(vectors)
+        (jv,) = _grad([jt_dummy[i] for i in used], [dummy], [v[i] for i in used])
+        (hjv,) = _grad([dl], [out_d], [jv])
+        return self._flat(_grad([outputs], params, [hjv]), params)
+
+    def _param_vectors(self, vectors: Tensor) -> list[Tensor]:
+        """[P, k] -> per-parameter tensors with a leading k dimension."""
+        cols = [self.ctx.space.to_param_tensors(vectors[:, j]) for j in range(vectors.shape[1])]
+        return [torch.stack(group) for group in zip(*cols, strict=True)]
+
+    def _flat(self, grads: Sequence[Tensor | None], params: list) -> Tensor:
+        """Per-parameter results with a leading k dimension -> [P, k] float64."""
+        k = next(g.shape[0] for g in grads if g is not None)
+        filled = [
+            torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+            for g, p in zip(grads, params, strict=True)
+        ]
+        return torch.stack(
+            [self.ctx.space.from_param_grads([g[j] for g in filled]) for j in range(k)], dim=1
+        ).double()
+
+
+def _grad(outputs: list[Tensor], inputs: list, cotangents: list[Tensor]) -> tuple:
+    """Vector-Jacobian products for a batch of cotangents (leading dim), vmapped by autograd
+    when the ops allow it and one at a time otherwise."""
+    try:
+        return torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:
+        k = cotangents[0].shape[0]
+        rows = [
+            torch.autograd.grad(
+                outputs, inputs, [c[j] for c in cotangents], retain_graph=True, allow_unused=True
+            )
+            for j in range(k)
+        ]
+        return tuple(
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(inputs))
+        )
+
+
+def mean_eigenvalue(op: CurvatureOperator, probes: int = 16, seed: int = 0) -> float:
+    """Hutchinson estimate of trace(G) / P with seeded Rademacher probes."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, 2, (op.dim, probes), generator=gen).double().mul_(2).sub_(1)
+    z = z.to(_device(op))
+    return float((z * op.matvec(z)).sum() / (probes * op.dim))
+
+
+def largest_eigenvalue(op: CurvatureOperator, iterations: int = 20, seed: int = 0) -> float:
+    """Power-iteration estimate of the largest |eigenvalue|."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(op.dim, 1, generator=gen, dtype=torch.float64).to(_device(op))
+    v /= v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = op.matvec(v)
+        value = float((v * w).sum())
+        norm = w.norm()
+        if norm == 0:
+            return 0.0
+        v = w / norm
+    return abs(value)
+
+
+def _device(op: CurvatureOperator) -> torch.device:
+    return op.ctx.space.parameters()[0].device

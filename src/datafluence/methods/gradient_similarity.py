@@ -1,0 +1,179 @@
+"""Gradient similarity baselines: dot product and cosine of per-example gradients.
+
+score(i, j) = ∇m_j · (−∇L_i): positive when a gradient step on training example i raises
+query j's measurement (for m = −L: ∇L_j · ∇L_i). "cosine" divides by both norms. Both are
+the identity-curvature influence, so they share its sign and its per-layer split.
+Without projection, Linear-like layers are contracted from activation and output-gradient
+factors when that is cheaper than building per-example weight gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datafluence import store
+from datafluence.gradients.capture import (
+    Factors,
+    all_factors,
+    check_devices,
+    gradient_factors,
+)
+from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, squared_norms
+from datafluence.gradients.projection import RandomProjection
+from datafluence.gradients.rows import assemble
+from datafluence.gradients.space import ParamSpace
+from datafluence.scores import Scores
+from datafluence.store import RunDir
+from datafluence.tasks import Examples, Task
+
+KINDS = ("dot", "cosine")
+
+
+class GradientSimilarity:
+    """Dot product or cosine of training-loss and query-measurement gradients.
+
+    `modules`: names or types of the layers to use (None: every Linear, Conv2d and GPT-2
+    Conv1D layer with weights of its own; embeddings only when named).
+    `projection_dim`: project each layer's gradients to this many dimensions with a seeded
+    random matrix (`projection`: "rademacher" or "gaussian") before comparing them.
+    """
+
+    name = "gradient_similarity"
+
+    def __init__(
+        self,
+        task: Task,
+        kind: str = "dot",
+        modules: str | type | Iterable[str | type] | None = None,
+        projection_dim: int | None = None,
+        *,
+        projection: str = "rademacher",
+        seed: int = 0,
+        chunk_size: int = 32,
+        progress: bool = True,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.task = task
+        self.kind = kind
+        self.modules = modules
+        self.projector = (
+            None if projection_dim is None else RandomProjection(projection_dim, projection, seed)
+        )
+        self.chunk_size = chunk_size
+        self.progress = progress
+
+    def settings(self) -> dict[str, Any]:
+        modules = self.modules
+        if modules is not None:
+            items = [modules] if isinstance(modules, str | type) else list(modules)
+            modules = [
+                m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items
+            ]
+        return {
+            "kind": self.kind,
+            "modules": modules,
+            "projection": None if self.projector is None else self.projector.settings(),
+            **self.task.settings(),
+        }
+
+    def score(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        run: RunDir | str | Path | None = None,
+        per_layer: bool = True,
+    ) -> Scores:
+        """Scores [n_train, n_query] (+ parts["per_layer"], which sum to the values)."""
+        start = time.perf_counter()
+        check_devices(model, [("train", train), ("queries", queries)])
+        self.task.check(train, "training")
+        self.task.check(queries, "query")
+        self.task.check_model(model, train, "training")
+        self.task.check_model(model, queries, "query")
+        run = RunDir(run) if isinstance(run, str | Path) else run
+        space = ParamSpace.of(model, self.modules)
+        factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
+        query = {name: self._query_block(space, name, pair) for name, pair in factors.items()}
+        query_norms = self._norms(space, factors, query) if self.kind == "cosine" else None
+
+        def compute(lo: int, hi: int) -> Tensor:
+            batch = {k: v[lo:hi] for k, v in train.tensors.items()}
+            train_factors = gradient_factors(model, self.task, batch, space, "loss")
+            parts, projected = [], {}
+            for layer in space.layers:
+                a, g = train_factors[layer.name]
+                if self.projector is None:
+                    parts.append(layer_dots(layer, a, g, query[layer.name]))
+                else:
+                    projected[layer.name] = self.projector.project(
+                        layer.name, layer.per_example(a, g)
+                    )
+                    parts.append(projected[layer.name] @ query[layer.name].dense.T)  # type: ignore[union-attr]
+            dots = -torch.stack(parts, dim=1)  # [B, L, Q]
+            if query_norms is None:
+                return dots
+            if self.projector is None:
+                sq = sum(squared_norms(layer, *train_factors[layer.name]) for layer in space.layers)
+            else:
+                sq = sum(p.pow(2).sum(1) for p in projected.values())
+            denom = sq.sqrt()[:, None, None] * query_norms[None, None, :]  # type: ignore[union-attr]
+            return torch.where(denom > 0, dots / denom.clamp(min=1e-300), torch.zeros_like(dots))
+
+        key = store.fingerprint(
+            {
+                "settings": self.settings(),
+                "model": store.model_fingerprint(model),
+                "train": list(train.ids),
+                "queries": list(queries.ids),
+                "per_layer": per_layer,
+            }
+        )
+        values, parts = assemble(
+            len(train),
+            len(queries),
+            len(space.layers),
+            self.chunk_size,
+            compute,
+            run=run,
+            name=f"gradsim-{key}",
+            per_layer=per_layer,
+            progress=self.progress,
+        )
+        settings = {
+            **self.settings(),
+            "layers": space.names,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        return Scores(
+            values,
+            train.ids,
+            queries.ids,
+            method=f"gradient_{self.kind}",
+            settings=settings,
+            parts={} if parts is None else {"per_layer": parts},
+        )
+
+    def _query_block(self, space: ParamSpace, name: str, pair: tuple[Tensor, Tensor]) -> QueryBlock:
+        layer = space.by_name[name]
+        a, g = pair
+        if self.projector is not None:
+            return QueryBlock(dense=self.projector.project(name, layer.per_example(a, g)))
+        if factors_are_cheaper(layer, a.shape[1]):
+            return QueryBlock(factors=(a, g))
+        return QueryBlock(dense=layer.per_example(a, g))
+
+    def _norms(self, space: ParamSpace, factors: Factors, query: dict[str, QueryBlock]) -> Tensor:
+        """Each query gradient's norm (of its projection, when projecting)."""
+        if self.projector is not None:
+            return sum(q.dense.pow(2).sum(1) for q in query.values()).sqrt()  # type: ignore[union-attr]
+        return sum(squared_norms(space.by_name[n], a, g) for n, (a, g) in factors.items()).sqrt()

@@ -1,0 +1,280 @@
+"""Influence functions: score(i, j) = ∇m_j(θ)ᵀ (G + λI)⁻¹ (−∇L_i(θ)).
+
+m_j is the query's measurement (log-likelihood of its label by default), L_i the training
+example's loss, summed over its tokens. For m = −L this is ∇L_jᵀ (G + λI)⁻¹ ∇L_i. Positive
+means: upweighting training example i raises query j's measurement.
+
+Scale: G is the MEAN over the N training examples of the per-example Gauss-Newton (or
+Hessian) matrices, the same for every curvature strategy. Upweighting example i by ε in the
+mean training objective changes m_j by ≈ ε × score; adding one more copy of it to the N
+examples, by ≈ score / N.
+
+Queries are preconditioned once; training examples are streamed in chunks against them and
+rows are written as they finish (resumable partitions in a run directory), so the train x
+query matrix never has to sit in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from datafluence import store
+from datafluence.curvature import Curvature, FitContext, make_curvature, persist
+from datafluence.curvature.damping import Damping
+from datafluence.gradients.capture import (
+    all_factors,
+    check_devices,
+    chunks,
+    data_fingerprint,
+    gradient_factors,
+)
+from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, low_rank
+from datafluence.gradients.rows import assemble
+from datafluence.gradients.space import ParamSpace
+from datafluence.scores import Scores
+from datafluence.store import RunDir
+from datafluence.tasks import Examples, Task
+
+Modules = str | type | Iterable[str | type] | None
+
+
+class InfluenceFunction:
+    """Influence of every training example on every query through a chosen curvature.
+
+    `curvature`: "identity", "diagonal", "explicit", "cg", "lissa", "arnoldi", "kfac",
+    "ekfac" (strategy options as keywords, e.g. fisher="exact", matrix="hessian"), or a
+    `Curvature` object. `damping`: None for 0.1 x the mean eigenvalue (per layer for
+    block-diagonal strategies), a number, or {layer: number}. `modules`: names or types of
+    the layers to attribute through (None: every Linear, Conv2d and GPT-2 Conv1D layer with
+    weights of its own; embeddings only when named). `query_rank`: keep each preconditioned
+    query gradient at this rank per layer (scored from activation/gradient factors without
+    building per-example weight gradients; approximate). The task's per-example loss must be
+    a sum over tokens, not a mean.
+    """
+
+    name = "influence"
+
+    def __init__(
+        self,
+        task: Task,
+        curvature: str | Curvature = "ekfac",
+        damping: Damping = None,
+        modules: Modules = None,
+        query_rank: int | None = None,
+        *,
+        chunk_size: int = 32,
+        seed: int = 0,
+        progress: bool = True,
+        **options: Any,
+    ) -> None:
+        if query_rank is not None and query_rank < 1:
+            raise ValueError(f"query_rank must be at least 1 (or None), got {query_rank}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.task = task
+        self.curvature = make_curvature(curvature, damping, **options)
+        self.modules = modules
+        self.query_rank = query_rank
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.progress = progress
+        self._fitted_on: str | None = None  # model fingerprint
+        self._fitted_data: str | None = None  # training-data fingerprint
+
+    def settings(self) -> dict[str, Any]:
+        """What changes the numbers (chunk size and progress bars do not)."""
+        return {
+            "curvature": self.curvature.settings(),
+            "modules": modules_setting(self.modules),
+            "query_rank": self.query_rank,
+            "seed": self.seed,
+            **self.task.settings(),
+        }
+
+    def fit(
+        self,
+        model: nn.Module,
+        train: Examples,
+        run: RunDir | str | Path | None = None,
+        overwrite: bool = False,
+    ) -> InfluenceFunction:
+        """Fit the curvature on the training set; with `run`, reuse or save it there."""
+        check_devices(model, [("train", train)])
+        self.task.check(train, "training")
+        self.task.check_model(model, train, "training")
+        ctx = self._context(model, train)
+        model_fp = store.model_fingerprint(model)
+        settings = {**self.settings(), "train": data_fingerprint(train)}
+        run = as_run(run)
+        directory = None if run is None else run.path / "curvature"
+        if directory is not None and persist.exists(directory) and not overwrite:
+            head = persist.header(self.curvature, ctx, settings, model_fp)
+            persist.load(directory, self.curvature, ctx, head)
+        else:
+            self.curvature.fit(ctx)
+            if directory is not None:
+                head = persist.header(self.curvature, ctx, settings, model_fp)
+                persist.save(directory, self.curvature, head)
+        self._fitted_on, self._fitted_data = model_fp, settings["train"]
+        return self
+
+    def score(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        run: RunDir | str | Path | None = None,
+        per_layer: bool = True,
+    ) -> Scores:
+        """Scores [n_train, n_query]; parts["per_layer"] [n_layers, n_train, n_query] sum to
+        the values exactly. Fits the curvature first if `fit` was not called."""
+        start = time.perf_counter()
+        check_devices(model, [("train", train), ("queries", queries)])
+        self.task.check(train, "training")
+        self.task.check(queries, "query")
+        self.task.check_model(model, train, "training")
+        self.task.check_model(model, queries, "query")
+        run = as_run(run)
+        self._ensure_fitted(model, train, run)
+        space = self._space(model)
+        cache: dict[str, dict[str, QueryBlock]] = {}  # built on first use: a resumed run
+        # whose partitions are all on disk never preconditions the queries again
+
+        def compute(lo: int, hi: int) -> Tensor:
+            if "query" not in cache:
+                cache["query"] = self._query_side(model, queries, space)
+            query = cache["query"]
+            batch = {k: v[lo:hi] for k, v in train.tensors.items()}
+            factors = gradient_factors(model, self.task, batch, space, "loss")
+            return -torch.stack(
+                [
+                    layer_dots(layer, *factors[layer.name], query[layer.name])
+                    for layer in space.layers
+                ],
+                dim=1,
+            )
+
+        key = store.fingerprint(
+            {
+                "settings": self.settings(),
+                "model": self._fitted_on,
+                "fitted_on": self._fitted_data,
+                "train": list(train.ids),
+                "queries": list(queries.ids),
+                "per_layer": per_layer,
+            }
+        )
+        values, parts = assemble(
+            len(train),
+            len(queries),
+            len(space.layers),
+            self.chunk_size,
+            compute,
+            run=run,
+            name=f"influence-{key}",
+            per_layer=per_layer,
+            progress=self.progress,
+        )
+        settings = {
+            **self.settings(),
+            "layers": space.names,
+            "damping_used": dict(self.curvature.lambdas),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        return Scores(
+            values,
+            train.ids,
+            queries.ids,
+            method=self.name,
+            settings=settings,
+            parts={} if parts is None else {"per_layer": parts},
+        )
+
+    def self_score(
+        self, model: nn.Module, train: Examples, run: RunDir | str | Path | None = None
+    ) -> np.ndarray:
+        """Self-influence score(i, i) for every training example, float32 [n_train].
+
+        For classification (m = −L) it is ∇L_iᵀ (G + λI)⁻¹ ∇L_i ≥ 0: how much an example
+        relies on itself; high values flag atypical or mislabelled examples.
+        """
+        check_devices(model, [("train", train)])
+        self.task.check(train, "training")
+        run = as_run(run)
+        self._ensure_fitted(model, train, run)
+        space = self._space(model)
+        out = []
+        for _, _, batch in chunks(train, self.chunk_size):
+            loss = gradient_factors(model, self.task, batch, space, "loss")
+            meas = gradient_factors(model, self.task, batch, space, "measure")
+            pre = self.curvature.solve(
+                {n: space.by_name[n].per_example(a, g) for n, (a, g) in meas.items()}
+            )
+            total = 0
+            for layer in space.layers:
+                grads = layer.per_example(*loss[layer.name])
+                total = total - (grads * pre[layer.name].to(grads.dtype)).sum(dim=(1, 2))
+            out.append(total.detach().double().cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+    # -- internals --
+
+    def _context(self, model: nn.Module, train: Examples) -> FitContext:
+        return FitContext(
+            model, self.task, train, self._space(model), self.chunk_size, self.progress, self.seed
+        )
+
+    def _space(self, model: nn.Module) -> ParamSpace:
+        return ParamSpace.of(model, self.modules)
+
+    def _ensure_fitted(self, model: nn.Module, train: Examples, run: RunDir | None) -> None:
+        if self._fitted_on is None:
+            self.fit(model, train, run=run)
+            return
+        if store.model_fingerprint(model) != self._fitted_on:
+            raise ValueError(
+                "the curvature was fitted on another model (its weights differ); call "
+                "fit(model, train) again for this model"
+            )
+
+    def _query_side(
+        self, model: nn.Module, queries: Examples, space: ParamSpace
+    ) -> dict[str, QueryBlock]:
+        """Query gradients ∇m_j, preconditioned, in the cheapest exact (or low-rank) form."""
+        factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
+        identity = self.curvature.name == "identity"
+        if identity and self.query_rank is None:
+            out = {}
+            for layer in space.layers:
+                a, g = factors[layer.name]
+                if factors_are_cheaper(layer, a.shape[1]):
+                    out[layer.name] = QueryBlock(factors=(a, g))
+                else:
+                    out[layer.name] = QueryBlock(dense=layer.per_example(a, g))
+            return out
+        grads = {n: space.by_name[n].per_example(a, g) for n, (a, g) in factors.items()}
+        pre = self.curvature.solve(grads)
+        if self.query_rank is None:
+            return {n: QueryBlock(dense=v) for n, v in pre.items()}
+        return {n: QueryBlock(lowrank=low_rank(v, self.query_rank)) for n, v in pre.items()}
+
+
+def as_run(run: RunDir | str | Path | None) -> RunDir | None:
+    if run is None or isinstance(run, RunDir):
+        return run
+    return RunDir(run)
+
+
+def modules_setting(modules: Modules) -> Any:
+    """Module choice as JSON: names as given, types by qualified name."""
+    if modules is None:
+        return None
+    items = [modules] if isinstance(modules, str | type) else list(modules)
+    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]
