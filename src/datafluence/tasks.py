@@ -90,13 +90,31 @@ class Task(ABC):
 
     measurement: str
 
-    @abstractmethod
     def loss(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
         """Per-example training loss, shape [B]."""
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
 
-    @abstractmethod
     def measure(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
         """Per-example measurement, shape [B]; higher = the example is more likely."""
+        return self.measure_from_outputs(self.outputs(model, batch), batch)
+
+    @abstractmethod
+    def loss_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Per-example loss as a function of the model's outputs (curvature needs this)."""
+
+    @abstractmethod
+    def measure_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Per-example measurement as a function of the model's outputs."""
+
+    def sample_labels(
+        self, outputs: Tensor, batch: Mapping[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The batch with its targets drawn from the model's predictive distribution (for the
+        true Fisher). Tasks without a predictive distribution cannot do this."""
+        raise TypeError(
+            f"{type(self).__name__} cannot draw labels from the model; use fisher='exact' "
+            "or 'empirical'"
+        )
 
     def check(self, examples: Examples, role: str = "examples") -> None:
         """Raise a clear error if the examples cannot be used with this task."""
@@ -197,11 +215,18 @@ class ClassificationTask(Task):
             )
         return logits
 
-    def loss(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(self.outputs(model, batch), batch["y"], reduction="none")
+    def loss_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return F.cross_entropy(outputs, batch["y"], reduction="none")
 
-    def measure(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        logits = self.outputs(model, batch)
+    def sample_labels(
+        self, outputs: Tensor, batch: Mapping[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        probs = torch.softmax(outputs.detach().double().cpu(), dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return {**batch, "y": drawn.to(batch["y"].device)}
+
+    def measure_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        logits = outputs
         if self.measurement == "neg_loss":
             return -F.cross_entropy(logits, batch["y"], reduction="none")
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["y"][:, None])[:, 0]
@@ -384,20 +409,38 @@ class CausalLMTask(Task):
 
     def token_log_probs(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
         """log p(token_t | tokens_<t) for every completion token, 0 elsewhere: [B, T]."""
+        return self.token_log_probs_from_outputs(self.outputs(model, batch), batch)
+
+    def token_log_probs_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """outputs[:, t] (from `outputs`) predicts input_ids[:, lo + 1 + t]."""
         lo, hi = self._span(batch)
-        logits = self.outputs(model, batch).float()
+        logits = outputs.float()
         ids = batch["input_ids"][:, lo + 1 : hi + 1]
         logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
         mask = batch["target_mask"][:, lo + 1 : hi + 1].to(logp.dtype)
         width = batch["input_ids"].shape[1]
         return torch.nn.functional.pad(logp * mask, (lo + 1, width - hi - 1))
 
-    def loss(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        return -self.token_log_probs(model, batch).sum(-1)
+    def loss_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return -self.token_log_probs_from_outputs(outputs, batch).sum(-1)
 
-    def measure(self, model: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
-        logp = self.token_log_probs(model, batch).sum(-1)
+    def measure_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        logp = self.token_log_probs_from_outputs(outputs, batch).sum(-1)
         return logp.exp() if self.measurement == "prob" else logp
+
+    def sample_labels(
+        self, outputs: Tensor, batch: Mapping[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Sampled tokens replace the next-token targets, never the tokens the model reads:
+        the outputs were computed on the real inputs and the loss is recomputed from them."""
+        probs = torch.softmax(outputs.detach().double().cpu(), dim=-1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        drawn = drawn.reshape(probs.shape[:-1])
+        lo, hi = self._span(batch)
+        ids = batch["input_ids"].clone()
+        mask = batch["target_mask"][:, lo + 1 : hi + 1].bool()
+        ids[:, lo + 1 : hi + 1] = torch.where(mask, drawn.to(ids.device), ids[:, lo + 1 : hi + 1])
+        return {**batch, "input_ids": ids}
 
     def settings(self) -> dict[str, Any]:
         name = getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from datafluence.curvature.base import FitContext
 from datafluence.gradients.capture import Capture, Factors, batch_size_of, per_example
 from datafluence.gradients.space import ParamSpace
-from datafluence.tasks import CausalLMTask, ClassificationTask, Task, eval_mode
+from datafluence.tasks import Task, eval_mode
 
 FISHER = ("sample", "exact", "empirical")
 MAX_EXACT_OUTPUTS = 512
@@ -39,19 +39,8 @@ def check_fisher(fisher: str) -> str:
 
 
 def loss_from_outputs(task: Task, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    """Per-example loss as a function of the model's outputs."""
-    own = getattr(task, "loss_from_outputs", None)
-    if own is not None:
-        values = own(outputs, batch)
-    else:
-        if isinstance(task, CausalLMTask) and not task.slice_logits:
-            raise NotImplementedError(
-                "CausalLMTask(slice_logits=False) slices its logits after the model call, so "
-                "its loss cannot be recomputed from the outputs; use slice_logits=True or give "
-                "the task a loss_from_outputs(outputs, batch) method"
-            )
-        values = task.loss(lambda *args, **kwargs: outputs, batch)
-    return per_example(values, batch_size_of(batch), "loss")
+    """Per-example loss as a function of the model's outputs, checked to be per example."""
+    return per_example(task.loss_from_outputs(outputs, batch), batch_size_of(batch), "loss")
 
 
 def sample_labels(
@@ -60,28 +49,9 @@ def sample_labels(
     """The batch with labels drawn from the model (drawn on the CPU: same on any device).
 
     Only the targets change: the loss is recomputed from the outputs already computed on
-    the real inputs (for a causal LM, the sampled tokens replace the next-token targets,
-    never the tokens the model reads).
+    the real inputs.
     """
-    own = getattr(task, "sample_labels", None)
-    if own is not None:
-        return dict(own(outputs, batch, generator))
-    probs = torch.softmax(outputs.detach().double().cpu(), dim=-1)
-    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    drawn = drawn.reshape(probs.shape[:-1])
-    if isinstance(task, ClassificationTask):
-        return {**batch, "y": drawn.to(batch["y"].device)}
-    if isinstance(task, CausalLMTask):
-        lo, hi = task._span(batch)  # outputs[:, t] predicts input_ids[:, lo + 1 + t]
-        ids = batch["input_ids"].clone()
-        mask = batch["target_mask"][:, lo + 1 : hi + 1].bool()
-        span = ids[:, lo + 1 : hi + 1]
-        ids[:, lo + 1 : hi + 1] = torch.where(mask, drawn.to(ids.device), span)
-        return {**batch, "input_ids": ids}
-    raise TypeError(
-        f"fisher='sample' draws labels from the model, but {type(task).__name__} defines no "
-        "sample_labels(outputs, batch, generator); use fisher='exact' or 'empirical'"
-    )
+    return dict(task.sample_labels(outputs, batch, generator))
 
 
 def output_hessian_roots(task: Task, outputs: Tensor, batch: Mapping[str, Tensor]) -> list[Tensor]:
