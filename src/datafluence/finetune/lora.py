@@ -165,6 +165,8 @@ def peft_copy(
     """The reference: a deep copy wrapped by peft's LoRA, trained with the stock optimizer."""
     import copy
 
+    from datafluence.finetune.naive import train_steps
+
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -188,15 +190,4 @@ def peft_copy(
             module.lora_A["default"].weight.data.copy_(init[short])
             module.lora_B["default"].weight.data.zero_()
     params = [p for n, p in tuned.named_parameters() if "lora_" in n]
-    opt = recipe.torch_optimizer(params)
-    for t in range(recipe.steps):
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(tuned, batch).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at fine-tuning step {t + 1} on {label or 'a group'}; "
-                "lower the learning rate or check the example"
-            )
-        loss.backward()
-        opt.step()
-    return tuned
+    return train_steps(tuned, params, task, recipe, batch, label)

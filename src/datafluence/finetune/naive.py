@@ -38,18 +38,30 @@ def finetune_copy(
         p.requires_grad_(name in names)
         if name in names:
             params.append(p)
+    return train_steps(tuned, params, task, recipe, batch, label)
+
+
+def train_steps(
+    model: nn.Module,
+    params: list[Tensor],
+    task: Task,
+    recipe: FinetuneRecipe,
+    batch: Mapping[str, Tensor],
+    label: str = "",
+) -> nn.Module:
+    """`recipe.steps` steps of the stock torch optimizer on `params`, mean loss over `batch`."""
     opt = recipe.torch_optimizer(params)
     for t in range(recipe.steps):
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(tuned, batch).mean()
+        loss = task.loss(model, batch).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at fine-tuning step {t + 1} on {label or 'a group'}; "
-                "lower the learning rate or check the example"
+                f"non-finite loss ({loss.item()}) at fine-tuning step {t + 1} on "
+                f"{label or 'a group'}; lower the learning rate or check the example"
             )
         loss.backward()
         opt.step()
-    return tuned
+    return model
 
 
 @torch.no_grad()
