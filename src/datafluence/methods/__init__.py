@@ -1,8 +1,23 @@
-"""Attribution methods; each returns Scores [n_train, n_query]."""
+"""Attribution methods; each returns Scores [n_train, n_query]. Methods never import each
+other: what they share lives in finetune/, gradients/, curvature/, models/ and text/."""
 
 from datafluence.methods.empirical import EmpiricalInfluence
 from datafluence.methods.gradient_similarity import GradientSimilarity
 from datafluence.methods.influence import InfluenceFunction
 from datafluence.methods.prompted import PromptedInfluence
+from datafluence.methods.representation_similarity import RepresentationSimilarity
+from datafluence.methods.tfidf import TextSimilarity, prefiltered
+from datafluence.methods.tracin import TracInCP
+from datafluence.methods.trak import TRAK
 
-__all__ = ["EmpiricalInfluence", "GradientSimilarity", "InfluenceFunction", "PromptedInfluence"]
+__all__ = [
+    "TRAK",
+    "EmpiricalInfluence",
+    "GradientSimilarity",
+    "InfluenceFunction",
+    "PromptedInfluence",
+    "RepresentationSimilarity",
+    "TextSimilarity",
+    "TracInCP",
+    "prefiltered",
+]

@@ -1,0 +1,155 @@
+"""Representation similarity: cosine (or dot product) of one layer's activations.
+
+score(i, j) = cos(h_i, h_j) (or h_i · h_j) where h is the output of the named module for an
+example, read by a forward hook in eval mode (no gradients). Activations become one vector
+per example:
+  - [B, D]: as is;
+  - [B, T, D] from a language model (the batch has an attention mask of width T): the mean
+    over the example's real tokens (`pooling="mean"`, padding excluded), or its last real
+    token (`pooling="last"`); `span="completion"` pools over the completion tokens only
+    (target_mask) instead of every token;
+  - anything else (conv feature maps [B, C, H, W], [B, T, D] without a mask): flattened.
+A module returning a tuple (Hugging Face blocks) contributes its first element.
+Positive = similar representations, the baseline's stand-in for "supports".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datafluence.gradients.capture import check_devices, chunks
+from datafluence.scores import Scores
+from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
+
+KINDS = ("cosine", "dot")
+POOLINGS = ("mean", "last", "flatten")
+SPANS = ("all", "completion")
+
+
+class RepresentationSimilarity:
+    """Similarity of the activations of `module` (a name from model.named_modules())."""
+
+    name = "representation_similarity"
+
+    def __init__(
+        self,
+        task: Task,
+        module: str,
+        kind: str = "cosine",
+        pooling: str = "mean",
+        span: str = "all",
+        *,
+        chunk_size: int = 64,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if span not in SPANS:
+            raise ValueError(f"unknown span {span!r}; choose one of {SPANS}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.task, self.module, self.kind = task, module, kind
+        self.pooling, self.span, self.chunk_size = pooling, span, chunk_size
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "kind": self.kind,
+            "pooling": self.pooling,
+            "span": self.span,
+            **self.task.settings(),
+        }
+
+    def features(self, model: nn.Module, examples: Examples) -> Tensor:
+        """One pooled activation vector per example, float64 [N, D]."""
+        modules = dict(model.named_modules())
+        if self.module not in modules:
+            close = [n for n in modules if n and (self.module in n or n in self.module)][:8]
+            hint = f" Similar names: {close}." if close else ""
+            raise ValueError(f"the model has no module named {self.module!r}.{hint}")
+        captured: list[Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple | list) else output
+            if not isinstance(out, Tensor):
+                raise TypeError(
+                    f"module {self.module!r} returned {type(out).__name__}, not a tensor"
+                )
+            captured.append(out.detach())
+
+        out = []
+        handle = modules[self.module].register_forward_hook(hook)
+        try:
+            with eval_mode(model), torch.no_grad():
+                for _, _, batch in chunks(examples, self.chunk_size):
+                    captured.clear()
+                    self._forward(model, batch)
+                    if not captured:
+                        raise RuntimeError(
+                            f"module {self.module!r} was not called in the forward pass"
+                        )
+                    out.append(self._pool(captured[-1], batch))
+        finally:
+            handle.remove()
+        return torch.cat(out)
+
+    def _forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+        if isinstance(self.task, CausalLMTask):
+            # The whole sequence (the task's own forward stops at the last predicting token).
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        else:
+            self.task.outputs(model, batch)
+
+    def _pool(self, h: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        b = next(iter(batch.values())).shape[0]
+        if h.shape[0] != b:
+            raise ValueError(
+                f"module {self.module!r} output has shape {tuple(h.shape)}, not one row per "
+                f"example of a batch of {b}"
+            )
+        h = h.double()
+        mask = batch.get("attention_mask")
+        sequence = h.ndim == 3 and mask is not None and mask.shape[1] == h.shape[1]
+        if self.pooling == "flatten" or not sequence:
+            return h.reshape(b, -1)
+        assert mask is not None
+        if self.span == "completion":
+            mask = batch["target_mask"]
+        weights = mask.to(h.dtype)  # [B, T]
+        if self.pooling == "last":
+            last = (weights * torch.arange(1, h.shape[1] + 1, dtype=h.dtype)).argmax(dim=1)
+            return h[torch.arange(b), last]
+        count = weights.sum(dim=1, keepdim=True).clamp(min=1)
+        return (h * weights[..., None]).sum(dim=1) / count
+
+    def score(self, model: nn.Module, train: Examples, queries: Examples) -> Scores:
+        start = time.perf_counter()
+        check_devices(model, [("train", train), ("queries", queries)])
+        self.task.check(train, "training")
+        self.task.check(queries, "query")
+        a = self.features(model, train)
+        b = self.features(model, queries)
+        if self.kind == "cosine":
+            a = _normalise(a)
+            b = _normalise(b)
+        values = (a @ b.T).cpu().numpy()
+        settings = {
+            **self.settings(),
+            "dim": int(a.shape[1]),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        return Scores(
+            values, train.ids, queries.ids, method=f"repsim_{self.kind}", settings=settings
+        )
+
+
+def _normalise(x: Tensor) -> Tensor:
+    """Rows scaled to unit length; all-zero rows stay zero (similarity 0 with everything)."""
+    norms = x.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, x / norms.clamp(min=1e-300), torch.zeros_like(x))

@@ -1,0 +1,320 @@
+"""TRAK (Park et al. 2023): a kernel regression on projected gradients of the model output.
+
+For each checkpoint (or independently trained model) θ_m:
+  - output function f(z; θ): the margin log(p/(1 − p)) of the correct class (classification);
+  - features φ(z) = Pᵀ ∇_θ f(z; θ_m), P a seeded random projection to `projection_dim`
+    dimensions (one per checkpoint, as in the reference implementation), or the raw
+    gradient when projection_dim=None; Φ [N, k] stacks the training features;
+  - out-to-loss weights Q_i = 1 − p_i (p_i: the probability of the correct class), since
+    ∂L_i/∂f_i = −(1 − p_i) for the cross-entropy L = log(1 + e^(−f)).
+Scores, averaged over the M checkpoints as in Park et al. (Algorithm 1):
+
+    score(i, j) = [ (1/M) Σ_m φ_m(z_j)ᵀ (Φ_mᵀ Φ_m + λ_m I)⁻¹ φ_m(z_i) ] · [ (1/M) Σ_m Q_m,i ]
+
+Positive: training on i raises the query's margin (makes its label more likely), the
+package's sign convention. The query side is always the margin of the query's own label,
+whatever the task's `measurement`. `damping` λ: None for 1e-3 × the mean eigenvalue of
+ΦᵀΦ (tr/k; keeps the solve well-posed when k ≥ N; per checkpoint), a number for a fixed λ,
+or 0 for none (a pseudo-inverse then drops null directions). The reference implementation
+uses no ridge and, optionally, soft-thresholding of the scores; neither is reproduced.
+
+Language models (CausalLMTask): f = Σ_t log(p_t/(1 − p_t)) over the completion tokens and
+Q = the mean over those tokens of (1 − p_t), exact for one completion token and an
+approximation otherwise (each token really has its own weight). A custom task may supply
+its own output function as a method `trak_output(model, batch) -> (f [B], Q [B])`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from datafluence import store
+from datafluence.gradients.capture import (
+    check_devices,
+    chunks,
+    data_fingerprint,
+    gradient_factors,
+)
+from datafluence.gradients.projection import RandomProjection
+from datafluence.gradients.space import ParamSpace
+from datafluence.models.checkpoints import (
+    Checkpoint,
+    check_checkpoints,
+    describe_checkpoint,
+    using_checkpoint,
+)
+from datafluence.scores import Scores
+from datafluence.tasks import CausalLMTask, ClassificationTask, Examples, Task
+
+Modules = str | type | Iterable[str | type] | None
+RELATIVE_DAMPING = 1e-3
+
+
+def output_function(task: Task, model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """TRAK's model output f [B] (differentiable) and out-to-loss weight Q [B] (detached)."""
+    custom = getattr(task, "trak_output", None)
+    if callable(custom):
+        f, q = custom(model, batch)
+        return f, q.detach()
+    check_supported(task)
+    return output_from_logits(task, task.outputs(model, batch), batch)
+
+
+def check_supported(task: Any) -> None:
+    if callable(getattr(task, "trak_output", None)):
+        return
+    if not isinstance(task, ClassificationTask | CausalLMTask):
+        raise TypeError(
+            f"TRAK has no output function for {type(task).__name__}; use ClassificationTask "
+            "or CausalLMTask, or give the task a method trak_output(model, batch) -> (f, Q)"
+        )
+
+
+def output_from_logits(
+    task: Task, logits: Tensor, batch: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(f, Q) from the task's raw outputs (classification or causal-LM logits)."""
+    if isinstance(task, ClassificationTask):
+        f = _margins(logits, batch["y"])
+        return f, torch.sigmoid(-f).detach()  # 1 − p, as p = sigmoid(f)
+    if isinstance(task, CausalLMTask):
+        lo, hi = task._span(batch)
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        ids = batch["input_ids"][:, lo + 1 : hi + 1]
+        mask = batch["target_mask"][:, lo + 1 : hi + 1].to(logits.dtype)
+        margins = _margins(logits, ids)  # [B, T']
+        f = (margins * mask).sum(-1)
+        q = (torch.sigmoid(-margins.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return f, q
+    check_supported(task)
+    raise AssertionError("unreachable")
+
+
+def _margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """log(p/(1 − p)) of each label = its logit − logsumexp of the other logits."""
+    correct = logits.gather(-1, labels[..., None])[..., 0]
+    hide = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, labels[..., None], True)
+    others = logits.masked_fill(hide, float("-inf")).logsumexp(-1)
+    return correct - others
+
+
+class _OutputTask:
+    """The task seen through TRAK's output function: its measurement is f, so the gradient
+    machinery (which differentiates a task's measurement) is reused as is. Keeps the last Q
+    it computed. Duck-typed (not a Task subclass) so it only forwards what it needs."""
+
+    measurement = "trak_margin"
+
+    def __init__(self, base: Task) -> None:
+        self.base = base
+        self.q: Tensor | None = None
+
+    def outputs(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.base.outputs(model, batch)
+
+    def loss(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.base.loss(model, batch)
+
+    def measure(self, model: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        f, self.q = output_function(self.base, model, batch)
+        return f
+
+    def measure_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        f, self.q = output_from_logits(self.base, outputs, batch)
+        return f
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.base.settings(), "measurement": self.measurement}
+
+
+class TRAK:
+    """TRAK attribution with ensembling over checkpoints.
+
+    `checkpoints`: state dicts or paths loaded into the model in turn (None: the model's own
+    weights). `projection_dim`: k (None: no projection, the raw gradient; small models only,
+    the kernel is P x P). `projection`: "rademacher" or "gaussian", seeded by `seed`.
+    `modules`: the layers whose parameters are used (as in InfluenceFunction).
+    """
+
+    name = "trak"
+
+    def __init__(
+        self,
+        task: Task,
+        checkpoints: Sequence[Checkpoint] | None = None,
+        projection_dim: int | None = 2048,
+        damping: float | None = None,
+        seed: int = 0,
+        *,
+        modules: Modules = None,
+        projection: str = "rademacher",
+        chunk_size: int = 32,
+    ) -> None:
+        if damping is not None and not (np.isfinite(damping) and damping >= 0):
+            raise ValueError(f"damping must be a number >= 0 or None, got {damping}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        check_supported(task)
+        self.task = task
+        self.checkpoints = check_checkpoints(checkpoints)
+        self.projector = (
+            None if projection_dim is None else RandomProjection(projection_dim, projection, seed)
+        )
+        self.damping = None if damping is None else float(damping)
+        self.seed = int(seed)
+        self.modules = modules
+        self.chunk_size = chunk_size
+        self._fitted: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        modules = self.modules
+        if modules is not None:
+            items = [modules] if isinstance(modules, str | type) else list(modules)
+            modules = [
+                m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items
+            ]
+        return {
+            "checkpoints": [describe_checkpoint(c) for c in self.checkpoints],
+            "projection": None if self.projector is None else self.projector.settings(),
+            "damping": self.damping
+            if self.damping is not None
+            else f"{RELATIVE_DAMPING} x mean eig",
+            "modules": modules,
+            "output": "margin log(p/(1-p))",
+            "out_to_loss": "1 - p",
+            "ensemble": "mean kernel term x mean Q",
+            **self.task.settings(),
+        }
+
+    # -- fitting: training features and kernels --
+
+    def fit(self, model: nn.Module, train: Examples) -> TRAK:
+        """Training features Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹ and Q for every checkpoint."""
+        check_devices(model, [("train", train)])
+        self.task.check(train, "training")
+        features, qs, lambdas, fingerprints = [], [], [], []
+        for m, checkpoint in enumerate(self.checkpoints):
+            with using_checkpoint(model, checkpoint):
+                if m == 0:
+                    self.task.check_model(model, train, "training")
+                fingerprints.append(store.model_fingerprint(model))
+                phi, q = self._features(model, train, m)
+            x, lam = _kernel_features(phi, self.damping)
+            features.append(x.to(phi.dtype))
+            qs.append(q.double())
+            lambdas.append(lam)
+        self._fitted = {
+            "features": features,
+            "q": torch.stack(qs).mean(0),
+            "ids": train.ids,
+            "index": {i: n for n, i in enumerate(train.ids)},
+            "data": data_fingerprint(train),
+            "models": fingerprints,
+            "damping_used": lambdas,
+            "dim": int(features[0].shape[1]),
+        }
+        return self
+
+    def _features(self, model: nn.Module, examples: Examples, m: int) -> tuple[Tensor, Tensor]:
+        """Output-function gradient features [N, k] (projected or raw) and Q [N]."""
+        space = ParamSpace.of(model, self.modules)
+        out_task = _OutputTask(self.task)
+        # A fresh projector per checkpoint: its matrix cache then holds this checkpoint's
+        # matrices only (the projection is a pure function of seed and name either way).
+        proj = None
+        if self.projector is not None:
+            proj = RandomProjection(self.projector.dim, self.projector.kind, self.projector.seed)
+        feats, qs = [], []
+        for _, _, batch in chunks(examples, self.chunk_size):
+            factors = gradient_factors(model, out_task, batch, space, "measure")  # type: ignore[arg-type]
+            assert out_task.q is not None
+            qs.append(out_task.q)
+            grads = {n: space.by_name[n].per_example(a, g) for n, (a, g) in factors.items()}
+            if proj is None:
+                feats.append(space.flatten(grads))
+            else:
+                feats.append(sum(proj.project(f"checkpoint{m}/{n}", v) for n, v in grads.items()))
+        return torch.cat(feats).detach(), torch.cat(qs)
+
+    # -- scoring --
+
+    def score(self, model: nn.Module, train: Examples, queries: Examples) -> Scores:
+        """Scores [n_train, n_query]; fits on `train` first if `fit` was not called.
+
+        After fit, `train` may be the fitted set or a subset of it (matched by id), e.g. a
+        query's pre-filtered candidates.
+        """
+        start = time.perf_counter()
+        check_devices(model, [("train", train), ("queries", queries)])
+        self.task.check(queries, "query")
+        if self._fitted is None:
+            self.fit(model, train)
+        fitted = self._fitted
+        assert fitted is not None
+        rows = self._rows(train)
+        total = torch.zeros(len(rows), len(queries), dtype=torch.float64)
+        for m, checkpoint in enumerate(self.checkpoints):
+            with using_checkpoint(model, checkpoint):
+                if m == 0:
+                    self.task.check_model(model, queries, "query")
+                if store.model_fingerprint(model) != fitted["models"][m]:
+                    raise ValueError(
+                        f"checkpoint {m} ({describe_checkpoint(checkpoint)}) differs from the one "
+                        "TRAK was fitted with; call fit(model, train) again"
+                    )
+                phi_q, _ = self._features(model, queries, m)
+            x = fitted["features"][m][rows]
+            total += (x.double() @ phi_q.double().T).cpu()
+        values = (total / len(self.checkpoints)) * fitted["q"][rows, None].cpu()
+        settings = {
+            **self.settings(),
+            "damping_used": fitted["damping_used"],
+            "feature_dim": fitted["dim"],
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        return Scores(values.numpy(), train.ids, queries.ids, method=self.name, settings=settings)
+
+    def _rows(self, train: Examples) -> Tensor:
+        fitted = self._fitted
+        assert fitted is not None
+        if train.ids == fitted["ids"]:
+            if data_fingerprint(train) != fitted["data"]:
+                raise ValueError(
+                    "the training examples differ from those TRAK was fitted on (same ids, other "
+                    "data); call fit(model, train) again"
+                )
+            return torch.arange(len(train))
+        missing = [i for i in train.ids if i not in fitted["index"]]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} training examples (e.g. {missing[:3]}) were not in the set TRAK "
+                "was fitted on; call fit(model, train) with the full training set"
+            )
+        return torch.as_tensor([fitted["index"][i] for i in train.ids], dtype=torch.long)
+
+
+def _kernel_features(phi: Tensor, damping: float | None) -> tuple[Tensor, float]:
+    """Φ (ΦᵀΦ + λI)⁻¹ [N, k] in float64, and λ; null directions dropped when λ = 0.
+
+    Solved in the smaller of the two spaces: with N < k through the N x N Gram matrix, as
+    Φ (ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹ Φ (pseudo-inverses alike when λ = 0).
+    """
+    phi = phi.double()
+    n, k = phi.shape
+    dual = n < k
+    gram = phi @ phi.T if dual else phi.T @ phi
+    lam = RELATIVE_DAMPING * float(torch.trace(gram)) / k if damping is None else damping
+    eig, vec = torch.linalg.eigh(gram)
+    shifted = eig.clamp(min=0) + lam
+    tol = shifted.max().clamp(min=1e-300) * max(n, k) * torch.finfo(torch.float64).eps
+    inv = torch.where(shifted > tol, 1.0 / shifted, torch.zeros_like(shifted))
+    if dual:
+        return (vec * inv) @ (vec.T @ phi), lam
+    return ((phi @ vec) * inv) @ vec.T, lam
