@@ -37,6 +37,15 @@ N, M, B_SIZE, T, R = 30, 5, 4, 40, 30
 POOL = tuple(f"p{i}" for i in range(N))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threads only wait on each other (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _truth(kind: str, seed: int = 0) -> tuple[np.ndarray | None, np.ndarray | None]:
     rng = np.random.default_rng(seed)
     a = 1.0 / B_SIZE + 0.01 * rng.normal(size=(N, M)) if kind != "additive" else None

@@ -4,4 +4,5 @@
 EXPERIMENTS = {
     "cnn-fashion-mnist": "datafluence.experiments.cnn_fashion_mnist",
     "knowledge-domains": "datafluence.experiments.knowledge_domains",
+    "simfluence": "datafluence.experiments.simfluence",
 }

@@ -2,8 +2,10 @@
 
 Record runs (`RunLogger`, `collect_runs`), fit a simulator of how each training example
 moves each test loss (`AdditiveSimulator`, `MultiplicativeSimulator`, `LinearSimulator`),
-roll it out on counterfactual curricula (`curricula`), and judge it on held-out runs
-(`evaluate`, `compare`, with `TracInCPSimulator` as the baseline).
+roll it out on counterfactual curricula (`curricula`) and check it against really training
+them (`train_curriculum`), and judge it on held-out runs (`evaluate`, `compare`) against
+TracIn-CP (`tracin_cp`: gradient dot products at checkpoints of a reference run) and the
+do-nothing reference (`NoChangeSimulator`).
 """
 
 from datafluence.simfluence.curricula import (
@@ -15,9 +17,11 @@ from datafluence.simfluence.curricula import (
     remove,
 )
 from datafluence.simfluence.evaluate import (
+    NoChangeSimulator,
     TracInCPSimulator,
     all_steps_mse,
     compare,
+    effect_agreement,
     evaluate,
     final_spearman,
     summarize,
@@ -47,6 +51,7 @@ __all__ = [
     "AdditiveSimulator",
     "LinearSimulator",
     "MultiplicativeSimulator",
+    "NoChangeSimulator",
     "RunLogger",
     "Simulator",
     "TracInCPSimulator",
@@ -54,6 +59,7 @@ __all__ = [
     "collect_runs",
     "compare",
     "duplicate",
+    "effect_agreement",
     "evaluate",
     "final_spearman",
     "gradient_dots",

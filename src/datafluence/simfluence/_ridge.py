@@ -17,6 +17,7 @@ The penalty is λ‖θ‖² added to the *sum* of squared errors over all steps 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,6 +25,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 Solver = Literal["auto", "primal", "dual"]
+CACHE_BYTES = 2**23  # matrices of one chunk of test examples (see ridge_path)
 
 
 def choose_solver(solver: Solver, n_params: int, n_rows: int) -> Literal["primal", "dual"]:
@@ -63,7 +65,11 @@ def ridge_path(
             "the primal form grows with the pool (2N for linear), the dual with the steps "
             "(runs x T): use the other solver, fewer runs or a smaller pool, or raise max_bytes"
         )
-    chunk = max(1, int(max_bytes // (8 * 2 * d * d)))
+    # Test examples go through in chunks that bound memory and, where systems are large,
+    # keep a chunk's matrices in cache: batching saves Python overhead for small systems,
+    # while for large ones the per-system O(d³) work dominates and streaming a big stack
+    # through memory made the batch slower than a loop.
+    chunk = max(1, min(int(max_bytes // (8 * 2 * d * d)), CACHE_BYTES // (8 * d * d)))
     xxt = (x @ x.T).toarray() if solver == "dual" else None
     for start in range(0, m_total, chunk):
         zs = slice(start, min(start + chunk, m_total))
@@ -142,5 +148,29 @@ def _solve_path(gram: np.ndarray, rhs: np.ndarray, lams: Sequence[float]) -> np.
                 gram[0] + lam * eye, r[0].T, assume_a="pos", check_finite=False
             ).T
         else:  # one small system per test example, solved as a batch
-            sols[i] = np.linalg.solve(gram + lam * eye, r.transpose(0, 2, 1)).transpose(0, 2, 1)
+            sols[i] = _batched_pos_solve(gram + lam * eye, r.transpose(0, 2, 1)).transpose(0, 2, 1)
     return sols if multi else sols[:, :, 0, :]
+
+
+@functools.cache
+def _scipy_batches() -> bool:
+    """Whether scipy.linalg.solve takes stacks of systems (SciPy >= 1.15)."""
+    try:
+        linalg.solve(np.ones((2, 1, 1)), np.ones((2, 1, 1)), assume_a="pos")
+    except ValueError:
+        return False
+    return True
+
+
+def _batched_pos_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a⁻¹ b for a stack of symmetric positive definite a [m, d, d] and b [m, d, k].
+
+    Cholesky per system (half LU's work; ~30 % faster measured at d = 300 .. 1000) where
+    SciPy batches it, LU (numpy) otherwise or if a system is not numerically definite.
+    """
+    if _scipy_batches():
+        try:
+            return linalg.solve(a, b, assume_a="pos", check_finite=False)
+        except linalg.LinAlgError:
+            pass
+    return np.linalg.solve(a, b)

@@ -119,6 +119,74 @@ def compare(
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def effect_agreement(
+    predicted: np.ndarray,
+    predicted_base: np.ndarray,
+    real: np.ndarray,
+    real_base: np.ndarray,
+    focus: np.ndarray | Sequence[int] | None = None,
+) -> dict[str, float]:
+    """A simulator's answer to a counterfactual curriculum against really training it.
+
+    All four are [T+1, M] trajectories from the same L_0: under the edited curriculum
+    (`predicted`, `real`) and under the original one (`*_base`). Besides how close the
+    trajectories are (mse_all_steps, spearman_final), the edit's *effect* (edited − base)
+    is compared, which is what a counterfactual question asks and what L_0 cannot give
+    away: effect_pearson over steps 1..T and test examples, effect_spearman_final across
+    test examples at step T, and the mean final effect over the `focus` test examples
+    (default: all), real and predicted.
+    """
+    arrays = [np.asarray(a, dtype=np.float64) for a in (predicted, predicted_base, real, real_base)]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 or arrays[0].ndim != 2:
+        raise ValueError(
+            f"effect_agreement needs four [T+1, M] trajectories of one shape, got {sorted(shapes)}"
+        )
+    pred, pred_base, obs, obs_base = arrays
+    d_pred, d_real = pred - pred_base, obs - obs_base
+    cols = np.arange(pred.shape[1]) if focus is None else np.asarray(focus, dtype=np.int64)
+    if cols.size == 0:
+        raise ValueError("focus names no test example; give at least one position, or None")
+    return {
+        "mse_all_steps": float(all_steps_mse(pred, obs)[0]),
+        "spearman_final": float(final_spearman(pred, obs)[0]),
+        "effect_pearson": _pearson(d_pred[1:].ravel(), d_real[1:].ravel()),
+        "effect_spearman_final": float(final_spearman(d_pred, d_real)[0]),
+        "real_effect_final": float(d_real[-1, cols].mean()),
+        "predicted_effect_final": float(d_pred[-1, cols].mean()),
+    }
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return float("nan")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+class NoChangeSimulator:
+    """L_t = L_0: the reference a simulator must beat to have learnt anything from the runs.
+
+    Its final-step Spearman is the rank correlation of the initial with the final losses,
+    which is often high: test examples that start hard tend to stay hard.
+    """
+
+    kind = "no-change"
+
+    def predict(
+        self,
+        curricula: np.ndarray,
+        initial_losses: np.ndarray,
+        pool_ids: Sequence[str],
+    ) -> np.ndarray:
+        single = np.ndim(curricula) == 2
+        c = check_curricula(curricula, len(check_ids(pool_ids, "pool")))
+        l0 = check_initial(initial_losses, c.shape[0], np.shape(initial_losses)[-1])
+        out = np.repeat(l0[:, None, :], c.shape[1] + 1, axis=1)
+        return out[0] if single else out
+
+
 class TracInCPSimulator:
     """The additive roll-out TracIn implies: L_t = L_{t−1} − lr_t Σ_{i∈c_t} ⟨∇L_i, ∇L_z⟩.
 

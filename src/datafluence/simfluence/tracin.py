@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from datafluence.gradients import ParamSpace, per_example_gradients, resolve_layers
+from datafluence.gradients import ParamSpace, gradient_factors, resolve_layers
+from datafluence.gradients.capture import all_factors, chunks
+from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
 from datafluence.simfluence.evaluate import TracInCPSimulator
 from datafluence.simfluence.logger import train_curriculum
 from datafluence.tasks import Examples, Task
@@ -48,14 +50,29 @@ def gradient_dots(
     space: ParamSpace | None = None,
     chunk_size: int = 64,
 ) -> np.ndarray:
-    """[N, M] ⟨∇L_i, ∇L_z⟩ of the per-example training losses under `model` (eval mode)."""
+    """[N, M] ⟨∇L_i, ∇L_z⟩ of the per-example training losses under `model` (eval mode).
+
+    Layer by layer, from the hooks' factors (a, g): with one token per example (an MLP) the
+    dot product of two weight gradients g aᵀ is (a·a')(g·g'), so no per-example gradient
+    is ever built; with many tokens the test side is materialised when that is cheaper
+    (the machinery `methods.tracin.TracInCP` uses, without its checkpoint-summing).
+    """
     space = space or trainable_space(model)
-    test_grads = space.flatten(per_example_gradients(model, task, test, space, "loss", chunk_size))
+    test_factors = all_factors(model, task, test, space, "loss", chunk_size)
+    queries = {}
+    for layer in space.layers:
+        a, g = test_factors[layer.name]
+        cheap = factors_are_cheaper(layer, a.shape[1])
+        queries[layer.name] = (
+            QueryBlock(factors=(a, g)) if cheap else QueryBlock(dense=layer.per_example(a, g))
+        )
     out = np.empty((len(pool), len(test)))
-    for lo in range(0, len(pool), chunk_size):
-        hi = min(lo + chunk_size, len(pool))
-        grads = space.flatten(per_example_gradients(model, task, pool[lo:hi], space, "loss"))
-        out[lo:hi] = (grads @ test_grads.T).double().numpy()
+    for lo, hi, batch in chunks(pool, chunk_size):
+        factors = gradient_factors(model, task, batch, space)
+        total = sum(
+            layer_dots(layer, *factors[layer.name], queries[layer.name]) for layer in space.layers
+        )
+        out[lo:hi] = total.double().numpy()
     return out
 
 
