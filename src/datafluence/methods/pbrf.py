@@ -237,7 +237,8 @@ class PBRF:
             warnings.warn(
                 f"PBRF did not reach rtol={self.rtol:g} within max_iter={self.max_iter} "
                 f"evaluations for {len(stuck)} row(s) ({shown}); worst relative gradient "
-                f"{np.nanmax(rel):.2e}. Raise max_iter or the damping (float32 stalls earlier "
+                f"{np.nanmax(rel):.2e}. Raise max_iter or the damping, or give a preconditioner "
+                "(ReLU networks stall at the kinks of their objective; float32 stalls earlier "
                 "than float64)",
                 RuntimeWarning,
                 stacklevel=2,

@@ -125,7 +125,8 @@ def plot_mode_matrices(by_mode: Mapping[str, Scores], path: str | Path, title: s
     probes; each on its own colour scale, since structure is the point (magnitudes are in
     the table)."""
     modes = list(by_mode)
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.8 * len(modes), 5.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(7.2 * len(modes), 5.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.55)
     for ax, mode in zip(axes[0], modes, strict=True):
         scores = by_mode[mode]
         im = _draw_matrix(ax, as_array(scores))
