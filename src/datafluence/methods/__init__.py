@@ -4,6 +4,7 @@ other: what they share lives in finetune/, gradients/, curvature/, models/ and t
 from datafluence.methods.empirical import EmpiricalInfluence
 from datafluence.methods.gradient_similarity import GradientSimilarity
 from datafluence.methods.influence import InfluenceFunction
+from datafluence.methods.pbrf import PBRF
 from datafluence.methods.prompted import PromptedInfluence
 from datafluence.methods.representation_similarity import RepresentationSimilarity
 from datafluence.methods.tfidf import TextSimilarity, prefiltered
@@ -11,6 +12,7 @@ from datafluence.methods.tracin import TracInCP
 from datafluence.methods.trak import TRAK
 
 __all__ = [
+    "PBRF",
     "TRAK",
     "EmpiricalInfluence",
     "GradientSimilarity",
