@@ -8,6 +8,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 
 from datafluence import store
 from datafluence.finetune import BatchedFinetuner
@@ -297,3 +298,23 @@ def test_eif_partitions_of_other_data_with_same_ids_are_not_reused(
     from_run = method.score(model, train_b, queries, run=run)
     expected = method.score(model, train_b, queries)
     assert np.array_equal(from_run.values, expected.values)
+
+
+def test_gradient_method_partitions_of_other_data_with_same_ids_are_not_reused(tmp_path):
+    """The same key rule as EIF, for the gradient methods (one shared helper)."""
+    from datafluence.methods import GradientSimilarity
+    from datafluence.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    task = ClassificationTask()
+    ids = [f"t{i}" for i in range(6)]
+    a = task.examples(torch.randn(6, 16), torch.randint(0, 3, (6,)), ids)
+    b = task.examples(torch.randn(6, 16), torch.randint(0, 3, (6,)), ids)
+    q = task.examples(torch.randn(2, 16), torch.randint(0, 3, (2,)), ["q0", "q1"])
+    method = GradientSimilarity(task, kind="dot", chunk_size=2, progress=False)
+    run = RunDir(tmp_path).open({"x": 1})
+    method.score(model, a, q, run=run)
+    on_b = method.score(model, b, q, run=run)
+    fresh = method.score(model, b, q)
+    np.testing.assert_array_equal(on_b.values, fresh.values)

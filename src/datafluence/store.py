@@ -92,6 +92,14 @@ def tensors_fingerprint(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def examples_fingerprint(examples: Any) -> str:
+    """Ids and tensor values of a set of examples: partitions keyed by it are never reused
+    for other data that happens to carry the same ids."""
+    return fingerprint(
+        {"ids": list(examples.ids), "tensors": tensors_fingerprint(examples.tensors)}
+    )
+
+
 def package_versions() -> dict[str, str]:
     """Versions that change numbers: saved with every run so results can be traced."""
     import datafluence

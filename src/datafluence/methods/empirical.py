@@ -147,9 +147,8 @@ class EmpiricalInfluence:
                     "model": store.model_fingerprint(model),
                     "rows": list(row_ids),
                     "groups": groups,
-                    "train": store.tensors_fingerprint(train.tensors),
-                    "queries": list(queries.ids),
-                    "probes": store.tensors_fingerprint(queries.tensors),
+                    "train": store.examples_fingerprint(train),
+                    "queries": store.examples_fingerprint(queries),
                 }
             )
             values = run.partitioned(

@@ -133,8 +133,8 @@ class GradientSimilarity:
             {
                 "settings": self.settings(),
                 "model": store.model_fingerprint(model),
-                "train": list(train.ids),
-                "queries": list(queries.ids),
+                "train": store.examples_fingerprint(train),
+                "queries": store.examples_fingerprint(queries),
                 "per_layer": per_layer,
             }
         )

@@ -166,8 +166,8 @@ class InfluenceFunction:
                 "settings": self.settings(),
                 "model": self._fitted_on,
                 "fitted_on": self._fitted_data,
-                "train": list(train.ids),
-                "queries": list(queries.ids),
+                "train": store.examples_fingerprint(train),
+                "queries": store.examples_fingerprint(queries),
                 "per_layer": per_layer,
             }
         )

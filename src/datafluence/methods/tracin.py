@@ -179,8 +179,8 @@ class TracInCP:
             {
                 "settings": {**self.settings(), "checkpoints": None, "learning_rates": None},
                 "model": store.model_fingerprint(model),
-                "train": list(train.ids),
-                "queries": list(queries.ids),
+                "train": store.examples_fingerprint(train),
+                "queries": store.examples_fingerprint(queries),
                 "per_layer": per_layer,
             }
         )
