@@ -161,15 +161,7 @@ class ClassificationTask(Task):
 
     def examples(self, x: Tensor, y: Tensor | Sequence[int], ids: Sequence[str] | None = None):
         """Build a checked set of examples from inputs and labels."""
-        x = torch.as_tensor(x)
-        y = torch.as_tensor(y)
-        if x.shape[0] == 0:
-            raise ValueError("the example set is empty; give at least one example")
-        if ids is None:
-            ids = [str(i) for i in range(x.shape[0])]
-        examples = Examples({"x": x, "y": y}, tuple(str(i) for i in ids))
-        self.check(examples)
-        return examples
+        return _xy_examples(self, torch.as_tensor(x), torch.as_tensor(y), ids)
 
     def check(self, examples: Examples, role: str = "examples") -> None:
         super().check(examples, role)
@@ -234,6 +226,16 @@ class ClassificationTask(Task):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_classes": self.num_classes}
+
+
+def _xy_examples(task: Task, x: Tensor, y: Tensor, ids: Sequence[str] | None) -> Examples:
+    """Inputs `x` and targets `y` as checked examples (ids default to positions)."""
+    if x.shape[0] == 0:
+        raise ValueError("the example set is empty; give at least one example")
+    names = tuple(str(i) for i in (ids if ids is not None else range(x.shape[0])))
+    examples = Examples({"x": x, "y": y}, names)
+    task.check(examples)
+    return examples
 
 
 def _maybe_eval(model: ModelFn) -> AbstractContextManager[Any]:
@@ -471,15 +473,7 @@ class RegressionTask(Task):
         y = torch.as_tensor(y)
         if not y.dtype.is_floating_point:
             y = y.to(x.dtype if x.dtype.is_floating_point else torch.get_default_dtype())
-        if y.ndim == 1:
-            y = y[:, None]
-        if x.shape[0] == 0:
-            raise ValueError("the example set is empty; give at least one example")
-        if ids is None:
-            ids = [str(i) for i in range(x.shape[0])]
-        examples = Examples({"x": x, "y": y}, tuple(str(i) for i in ids))
-        self.check(examples)
-        return examples
+        return _xy_examples(self, x, y[:, None] if y.ndim == 1 else y, ids)
 
     def check(self, examples: Examples, role: str = "examples") -> None:
         super().check(examples, role)
