@@ -61,7 +61,9 @@ def show(run: str, query: str | None, k: int) -> None:
     click.echo(f"run        {Path(run).resolve()}")
     click.echo(f"status     {meta.get('status', '?')}   created {meta.get('created', '?')}")
     click.echo(f"method     {meta.get('method', meta.get('scores', {}).get('method', '?'))}")
-    click.echo("settings   " + json.dumps(meta.get("settings", {}), indent=None)[:2000])
+    # a sub-run (e.g. one noise level or instantiation) keeps only its scores' settings
+    settings = meta.get("settings") or meta.get("scores", {}).get("settings", {})
+    click.echo("settings   " + json.dumps(settings, indent=None)[:2000])
     if "timings" in meta:
         click.echo("timings    " + ", ".join(f"{a}={b:.1f}s" for a, b in meta["timings"].items()))
     try:
