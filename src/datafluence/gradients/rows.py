@@ -8,27 +8,46 @@ so the train x query matrix never has to sit in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from datafluence import store
 from datafluence.store import RunDir
+from datafluence.tasks import Examples
 
 
 def assemble(
-    n_rows: int,
-    n_cols: int,
+    train: Examples,
+    queries: Examples,
     n_layers: int,
     chunk_size: int,
     compute: Callable[[int, int], Tensor],
+    *,
+    method: str,
+    key: Mapping[str, Any],
     run: RunDir | None = None,
-    name: str = "rows",
     per_layer: bool = True,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(values [n_rows, n_cols], per-layer parts [n_layers, n_rows, n_cols] or None)."""
+    """(values [n_train, n_query], per-layer parts [n_layers, n_train, n_query] or None).
+
+    Partitions are named by `method` and a fingerprint of `key` (what else fixes the
+    numbers: settings, model) plus the examples' values, so they are never reused for
+    other settings, weights or data.
+    """
+    n_rows, n_cols = len(train), len(queries)
+    name = f"{method}-" + store.fingerprint(
+        {
+            **key,
+            "train": store.examples_fingerprint(train),
+            "queries": store.examples_fingerprint(queries),
+            "per_layer": per_layer,
+        }
+    )
 
     def block(lo: int, hi: int) -> np.ndarray:
         parts = compute(lo, hi).double().cpu().numpy()  # [B, L, Q]

@@ -129,23 +129,18 @@ class GradientSimilarity:
             denom = sq.sqrt()[:, None, None] * query_norms[None, None, :]  # type: ignore[union-attr]
             return torch.where(denom > 0, dots / denom.clamp(min=1e-300), torch.zeros_like(dots))
 
-        key = store.fingerprint(
-            {
-                "settings": self.settings(),
-                "model": store.model_fingerprint(model),
-                "train": store.examples_fingerprint(train),
-                "queries": store.examples_fingerprint(queries),
-                "per_layer": per_layer,
-            }
-        )
         values, parts = assemble(
-            len(train),
-            len(queries),
+            train,
+            queries,
             len(space.layers),
             self.chunk_size,
             compute,
+            method="gradsim",
+            key={
+                "settings": self.settings(),
+                "model": store.model_fingerprint(model),
+            },
             run=run,
-            name=f"gradsim-{key}",
             per_layer=per_layer,
             progress=self.progress,
         )

@@ -161,24 +161,19 @@ class InfluenceFunction:
                 dim=1,
             )
 
-        key = store.fingerprint(
-            {
-                "settings": self.settings(),
-                "model": self._fitted_on,
-                "fitted_on": self._fitted_data,
-                "train": store.examples_fingerprint(train),
-                "queries": store.examples_fingerprint(queries),
-                "per_layer": per_layer,
-            }
-        )
         values, parts = assemble(
-            len(train),
-            len(queries),
+            train,
+            queries,
             len(space.layers),
             self.chunk_size,
             compute,
+            method="influence",
+            key={
+                "settings": self.settings(),
+                "model": self._fitted_on,
+                "fitted_on": self._fitted_data,
+            },
             run=run,
-            name=f"influence-{key}",
             per_layer=per_layer,
             progress=self.progress,
         )

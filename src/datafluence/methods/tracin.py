@@ -175,23 +175,18 @@ class TracInCP:
                     out.append(projected @ query[layer.name].dense.T)  # type: ignore[union-attr]
             return -torch.stack(out, dim=1)
 
-        key = store.fingerprint(
-            {
-                "settings": {**self.settings(), "checkpoints": None, "learning_rates": None},
-                "model": store.model_fingerprint(model),
-                "train": store.examples_fingerprint(train),
-                "queries": store.examples_fingerprint(queries),
-                "per_layer": per_layer,
-            }
-        )
         values, parts = assemble(
-            len(train),
-            len(queries),
+            train,
+            queries,
             len(space.layers),
             self.chunk_size,
             compute,
+            method="tracin",
+            key={
+                "settings": {**self.settings(), "checkpoints": None, "learning_rates": None},
+                "model": store.model_fingerprint(model),
+            },
             run=run,
-            name=f"tracin-{key}",
             per_layer=per_layer,
             progress=self.progress,
         )
