@@ -2,7 +2,10 @@
 by peft, torch.optim) on the default small LM (issue: language models, §6).
 
 Training texts and probes are knowledge-domain sentences (fresh nonce words). The table
-reports seconds, the speed ratio and the max abs difference of the two matrices.
+reports seconds, the speed ratio, the max abs difference of the two matrices, and the
+measurement floor: N ordinary forwards of the base model over the M probes, which any exact
+engine that measures each copy with ordinary forwards must spend (bound = naive / floor is
+the best ratio such an engine can reach, however cheap its fine-tuning).
 Run: `.venv/bin/python benchmarks/eif_lm_batched.py [--sizes 16,64 --steps 1,5]`.
 """
 
@@ -17,6 +20,7 @@ import torch
 
 from datafluence.datasets.domains import available_domains, instantiate, load_domain
 from datafluence.experiments.knowledge_domains import LORA_TARGETS
+from datafluence.finetune import measure
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models.language import load_causal_lm
 from datafluence.store import atomic_write_json
@@ -79,6 +83,11 @@ def main() -> None:
                 start = time.perf_counter()
                 results[engine] = method.score(model, train, probes)
                 timings[engine] = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(n):  # the measurement floor: n ordinary forwards over the probes
+                for lo in range(0, len(probes), 256):
+                    measure(model, task, probes[lo : lo + 256].tensors)
+            floor = time.perf_counter() - start
             diff = float(abs(results["naive"].values - results["batched"].values).max())
             row = {
                 "N": n,
@@ -87,6 +96,8 @@ def main() -> None:
                 "naive_s": round(timings["naive"], 2),
                 "batched_s": round(timings["batched"], 2),
                 "speedup": round(timings["naive"] / timings["batched"], 2),
+                "floor_s": round(floor, 2),
+                "bound": round(timings["naive"] / floor, 2),
                 "max_abs_diff": diff,
                 "max_abs_eif": float(abs(results["naive"].values).max()),
             }
@@ -94,6 +105,7 @@ def main() -> None:
             print(
                 f"N={n:3d} M={args.probes} K={k}  naive {row['naive_s']:8.1f}s  "
                 f"batched {row['batched_s']:7.1f}s  x{row['speedup']:5.2f}  "
+                f"floor {floor:7.1f}s (bound x{row['bound']:5.2f})  "
                 f"max|diff| {diff:.1e} (max|EIF| {row['max_abs_eif']:.2f})",
                 flush=True,
             )
