@@ -317,3 +317,39 @@ def test_ekfac_keeps_the_exact_trace_of_each_block_with_tokens_and_embeddings():
     assert ekfac.a_vecs["emb"] is None  # one-hot inputs: a diagonal input factor
     v = random_blocks(exact.space, k=2)
     assert all(torch.isfinite(t).all() for t in ekfac.solve(v).values())
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("factors_first", [True, False])
+def test_ekfac_correction_routes_agree_on_a_convolution(monkeypatch, factors_first):
+    """The eigenvalue correction rotates either each token's factors or each example's
+    gradient matrix (cheaper for convolutions); both must give the same eigenvalues, whose
+    sum is the exact trace of the Gauss-Newton block."""
+    from datafluence.curvature import kfac
+
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    task = ClassificationTask()
+    train = task.examples(torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    reference = fitted("ekfac", model, task, train, fisher="exact")
+    space = reference.space
+    assert kfac._rotate_factors_first(space.by_name["head"], 1)  # one token: factors
+    assert not kfac._rotate_factors_first(space.by_name["conv"], 16 * 16)  # many positions
+    monkeypatch.setattr(kfac, "_rotate_factors_first", lambda layer, tokens: factors_first)
+    forced = fitted("ekfac", model, task, train, fisher="exact")
+    exact = fitted("explicit", model, task, train, blocks="layer")
+    lo = 0
+    for layer in exact.space.layers:
+        block = exact.dense[lo : lo + layer.numel, lo : lo + layer.numel]
+        lo += layer.numel
+        torch.testing.assert_close(forced.eigs[layer.name], reference.eigs[layer.name])
+        assert float(forced.eigs[layer.name].sum()) == pytest.approx(float(block.trace()), rel=1e-9)

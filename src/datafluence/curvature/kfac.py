@@ -20,6 +20,7 @@ from datafluence.curvature.base import Curvature, FitContext, register
 from datafluence.curvature.damping import Damping, resolve
 from datafluence.curvature.fisher import check_fisher, fisher_factors
 from datafluence.gradients.dots import squared_sum
+from datafluence.gradients.layers import Layer, gram64
 from datafluence.gradients.space import Blocks
 
 
@@ -67,8 +68,8 @@ class KFAC(Curvature):
                     moment, count = space.by_name[name].input_second_moment(a)
                     a_sum[name] = a_sum[name] + moment if name in a_sum else moment
                     tokens[name] += count
-                flat = g.reshape(-1, g.shape[-1]).double()
-                s_sum[name] = s_sum[name] + flat.T @ flat if name in s_sum else flat.T @ flat
+                moment = gram64(g.reshape(-1, g.shape[-1]))
+                s_sum[name] = s_sum[name] + moment if name in s_sum else moment
         n = len(ctx.train)
         for layer in space.layers:
             name = layer.name
@@ -154,13 +155,19 @@ class EKFAC(KFAC):
         sums = {name: torch.zeros_like(e) for name, e in self.eigs.items()}
         for _, _, factors in fisher_factors(ctx, self.fisher, stream=1):
             for name, (a, g) in factors.items():
-                # Q_Sᵀ (Σ_t g_t a_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ: rotating the factors
-                # first costs T·(d_in² + d_out²) per example instead of d_out·d_in·(d_in + d_out).
-                g = g @ self.s_vecs[name].to(g.dtype)
-                qa = self.a_vecs[name]
-                if qa is not None:
-                    a = a.to(g.dtype) @ qa.to(g.dtype)
-                sums[name] = sums[name].to(g.device) + squared_sum(ctx.space.by_name[name], a, g)
+                layer = ctx.space.by_name[name]
+                qs, qa = self.s_vecs[name].to(g.dtype), self.a_vecs[name]
+                if qa is None or _rotate_factors_first(layer, a.shape[1]):
+                    # Q_Sᵀ (Σ_t g_t a_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
+                    g = g @ qs
+                    if qa is not None:
+                        a = a.to(g.dtype) @ qa.to(g.dtype)
+                    sums[name] = sums[name].to(g.device) + squared_sum(layer, a, g)
+                else:  # many tokens (convolutions): build the gradients, then rotate them
+                    rotated = qs.T @ layer.per_example(a, g) @ qa.to(g.dtype)
+                    sums[name] = sums[name].to(g.device) + (rotated * rotated).sum(
+                        0, dtype=torch.float64
+                    )
         n = len(ctx.train)
         for name, s in sums.items():
             if not torch.isfinite(s).all():
@@ -169,3 +176,14 @@ class EKFAC(KFAC):
                     "gradients are not finite - check the model and the data"
                 )
             self.eigs[name] = s / n
+
+
+def _rotate_factors_first(layer: Layer, tokens: int) -> bool:
+    """Whether rotating a and g per token (T·(d_in² + d_out²), then Σ_t once more when
+    T > 1) costs less than rotating each example's gradient matrix (T·d_out·d_in to build
+    it, d_out·d_in·(d_out + d_in) to rotate it). One token (an MLP): always; a convolution
+    with hundreds of positions and wide inputs: usually not."""
+    d_out, d_in = layer.shape
+    factors = tokens * (d_in * d_in + d_out * d_out) + (tokens * d_out * d_in if tokens > 1 else 0)
+    matrices = tokens * d_out * d_in + d_out * d_in * (d_out + d_in)
+    return factors <= matrices

@@ -74,7 +74,7 @@ class Capture:
                     "through its weights directly (as inside nn.MultiheadAttention) or not at "
                     "all; leave it out of `modules`"
                 )
-            out[layer.name] = torch.cat([layer.inputs(x, batch_size) for x in calls], dim=1)
+            out[layer.name] = _join([layer.inputs(x, batch_size) for x in calls])
         return out
 
     def factors(self, batch_size: int, inputs: Mapping[str, Tensor] | None = None) -> Factors:
@@ -89,9 +89,14 @@ class Capture:
                     f"no gradient reached module {layer.name!r} in the backward pass (got "
                     f"{len(got)} of {n_calls} calls); does the loss depend on it?"
                 )
-            g = torch.cat([layer.output_grads(got[k], batch_size) for k in range(n_calls)], dim=1)
+            g = _join([layer.output_grads(got[k], batch_size) for k in range(n_calls)])
             out[layer.name] = (inputs[layer.name], g)
         return out
+
+
+def _join(calls: list[Tensor]) -> Tensor:
+    """Calls of one module as extra tokens; a single call is returned as is (no copy)."""
+    return calls[0] if len(calls) == 1 else torch.cat(calls, dim=1)
 
 
 def per_example(values: Tensor, batch_size: int, what: str) -> Tensor:
