@@ -5,7 +5,9 @@ Training texts and probes are knowledge-domain sentences (fresh nonce words). Th
 reports seconds, the speed ratio, the max abs difference of the two matrices, and the
 measurement floor: N ordinary forwards of the base model over the M probes, which any exact
 engine that measures each copy with ordinary forwards must spend (bound = naive / floor is
-the best ratio such an engine can reach, however cheap its fine-tuning).
+the best ratio such an engine can reach, however cheap its fine-tuning). It also prints the
+float32 noise of the measurement itself (same weights, probes measured in one batch vs one
+at a time), the scale below which the two engines cannot be expected to agree.
 Run: `.venv/bin/python benchmarks/eif_lm_batched.py [--sizes 16,64 --steps 1,5]`.
 """
 
@@ -63,6 +65,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     texts = sentences(tokenizer, max(sizes) + args.probes)
     probes = task.examples(texts[-args.probes :], ids=[f"q{i}" for i in range(args.probes)])
+    # float32 noise floor of the measurement itself: the same weights measured in one batch
+    # of M and one probe at a time (summation orders differ) already disagree by this much
+    together = measure(model, task, probes.tensors)
+    alone = torch.cat([measure(model, task, probes[i : i + 1].tensors) for i in range(len(probes))])
+    layout_noise = float((together - alone).abs().max())
+    print(f"measurement layout noise (same weights, batch {len(probes)} vs 1): {layout_noise:.1e}")
     rows = []
     for n in sizes:
         train = task.examples(texts[:n], ids=[f"t{i}" for i in range(n)])
@@ -118,6 +126,7 @@ def main() -> None:
             "lr": args.lr,
             "lora_rank": args.lora_rank,
             "lora_targets": list(LORA_TARGETS),
+            "measurement_layout_noise": layout_noise,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "machine": platform.machine(),
