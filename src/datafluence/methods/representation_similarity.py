@@ -11,19 +11,25 @@ per example:
   - anything else (conv feature maps [B, C, H, W], [B, T, D] without a mask): flattened.
 A module returning a tuple (Hugging Face blocks) contributes its first element.
 Positive = similar representations, the baseline's stand-in for "supports".
+Training rows are computed `chunk_size` at a time; with `run`, each chunk is saved as it
+finishes (resumable partitions keyed by settings, weights and data, as for every method).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from datafluence import store
 from datafluence.gradients.capture import check_devices, chunks
+from datafluence.gradients.rows import assemble
 from datafluence.scores import Scores
+from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
 
 KINDS = ("cosine", "dot")
@@ -128,20 +134,44 @@ class RepresentationSimilarity:
         count = weights.sum(dim=1, keepdim=True).clamp(min=1)
         return (h * weights[..., None]).sum(dim=1) / count
 
-    def score(self, model: nn.Module, train: Examples, queries: Examples) -> Scores:
+    def score(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        run: RunDir | str | Path | None = None,
+    ) -> Scores:
+        """Scores [n_train, n_query]; with `run`, rows are saved as they finish and a re-run
+        computes only the missing ones."""
         start = time.perf_counter()
         check_devices(model, [("train", train), ("queries", queries)])
         self.task.check(train, "training")
         self.task.check(queries, "query")
-        a = self.features(model, train)
-        b = self.features(model, queries)
+        run = RunDir(run) if isinstance(run, str | Path) else run
+        b = self.features(model, queries)  # cheap (one forward pass) and names the dim
         if self.kind == "cosine":
-            a = _normalise(a)
             b = _normalise(b)
-        values = (a @ b.T).cpu().numpy()
+
+        def compute(lo: int, hi: int) -> Tensor:
+            a = self.features(model, train[lo:hi])
+            if self.kind == "cosine":
+                a = _normalise(a)
+            return (a @ b.T)[:, None, :]
+
+        values, _ = assemble(
+            train,
+            queries,
+            1,
+            self.chunk_size,
+            compute,
+            method="repsim",
+            key={"settings": self.settings(), "model": store.model_fingerprint(model)},
+            run=run,
+            per_layer=False,
+        )
         settings = {
             **self.settings(),
-            "dim": int(a.shape[1]),
+            "dim": int(b.shape[1]),
             "seconds": round(time.perf_counter() - start, 3),
         }
         return Scores(

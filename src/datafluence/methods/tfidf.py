@@ -9,18 +9,26 @@ computed", never a score of 0 that would rank above negative scores.
 Texts come from `Examples.items` (what `CausalLMTask.examples` keeps): a text as is, a
 (prompt, completion) pair joined with one space. Pass `train_texts` / `query_texts` to
 score examples without raw items (e.g. classification inputs with captions). Tokenisation:
-lowercase, `\\w+` runs (see `datafluence.text.tokens`).
+lowercase, `\\w+` runs (see `datafluence.text.tokens`). With `run`, both save their work as
+it finishes (TextSimilarity: row partitions; prefiltered: the inner method's own), so an
+interrupted run resumes.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from datafluence import store
+from datafluence.gradients.rows import assemble
 from datafluence.scores import Scores
+from datafluence.store import RunDir
 from datafluence.tasks import Examples
 from datafluence.text.bm25 import BM25, bm25_candidates
 from datafluence.text.tfidf import TfidfIndex
@@ -76,7 +84,8 @@ class TextSimilarity:
 
     kind: "tfidf" (TF-IDF cosine, smoothed IDF), "ngram" (cosine of raw n-gram counts) or
     "bm25" (binary-presence BM25, k1 and b below; not symmetric, not bounded). `ngram`: n
-    or (n_min, n_max) word n-grams. The model is not used (pass None).
+    or (n_min, n_max) word n-grams. The model is not used (pass None). `chunk_size`: training
+    rows scored at a time (the dense result of a chunk is chunk_size x n_query).
     """
 
     name = "text_similarity"
@@ -89,10 +98,13 @@ class TextSimilarity:
         k1: float = 1.5,
         b: float = 0.75,
         sublinear_tf: bool = False,
+        chunk_size: int = 1024,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-        self.kind = kind
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.kind, self.chunk_size = kind, chunk_size
         self.ngram = ngram_range(ngram)
         self.k1, self.b, self.sublinear_tf = k1, b, sublinear_tf
         self._index().settings()  # checks k1 / b now
@@ -113,15 +125,51 @@ class TextSimilarity:
         *,
         train_texts: Sequence[str] | None = None,
         query_texts: Sequence[str] | None = None,
+        run: RunDir | str | Path | None = None,
     ) -> Scores:
-        """Scores [n_train, n_query]; statistics (IDF, avgdl) come from the training texts."""
+        """Scores [n_train, n_query]; statistics (IDF, avgdl) come from the training texts.
+
+        With `run`, rows are saved as they finish and a re-run computes only the missing ones.
+        """
         start = time.perf_counter()
         docs, train_ids = texts_of(train, train_texts, "training examples", "train_texts")
         asked, query_ids = texts_of(queries, query_texts, "query examples", "query_texts")
+        run = RunDir(run) if isinstance(run, str | Path) else run
         index = self._index().fit(docs)
-        values = index.score(asked) if isinstance(index, BM25) else index.cosine(asked)
+        if isinstance(index, BM25):
+            rows, cols = index.weights, index.query_vectors(asked)
+        else:
+            rows, cols = index.vectors, index.vectorize(asked)
+        assert rows is not None
+        cols_t = cols.T.tocsc()
+
+        def compute(lo: int, hi: int) -> torch.Tensor:
+            block = np.asarray((rows[lo:hi] @ cols_t).toarray())
+            return torch.from_numpy(block)[:, None, :]
+
+        values, _ = assemble(
+            _numbered(train_ids),
+            _numbered(query_ids),
+            1,
+            self.chunk_size,
+            compute,
+            method=f"text_{self.kind}",
+            # the texts are the data (examples' tensors play no part here)
+            key={
+                "settings": self.settings(),
+                "train_texts": store.fingerprint(docs),
+                "query_texts": store.fingerprint(asked),
+            },
+            run=run,
+            per_layer=False,
+        )
         settings = {**self.settings(), "seconds": round(time.perf_counter() - start, 3)}
         return Scores(values, train_ids, query_ids, method=self.kind, settings=settings)
+
+
+def _numbered(ids: tuple[str, ...]) -> Examples:
+    """A stand-in set of examples (ids and row numbers) for the row machinery."""
+    return Examples({"row": torch.arange(len(ids))}, ids)
 
 
 def prefiltered(
@@ -137,6 +185,7 @@ def prefiltered(
     b: float = 0.75,
     ngram: NGram = 1,
     query_batch: int = 1,
+    run: RunDir | str | Path | None = None,
     **score_options: Any,
 ) -> Scores:
     """Run `method` only on each query's top-k BM25 training candidates.
@@ -148,10 +197,19 @@ def prefiltered(
     A method that needs fitting (InfluenceFunction, TRAK) should be fitted on the full
     training set first: otherwise it fits on the first group's candidates.
     parts["candidate"] holds 1.0 where a score was computed, 0.0 elsewhere.
+    `run` is handed to every inner `method.score`, whose partitions are keyed by its own
+    candidates and queries: an interrupted run resumes, finished groups are loaded.
     """
     start = time.perf_counter()
     if query_batch < 1:
         raise ValueError(f"query_batch must be at least 1, got {query_batch}")
+    if run is not None:
+        if "run" not in inspect.signature(method.score).parameters:
+            raise TypeError(
+                f"{type(method).__name__}.score takes no run directory, so it cannot resume; "
+                "call prefiltered without run="
+            )
+        score_options = {**score_options, "run": run}
     docs, train_ids = texts_of(train, train_texts, "training examples", "train_texts")
     asked, query_ids = texts_of(queries, query_texts, "query examples", "query_texts")
     candidates = bm25_candidates(docs, asked, k, k1=k1, b=b, ngram=ngram)

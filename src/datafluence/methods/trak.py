@@ -22,12 +22,17 @@ Language models (CausalLMTask): f = Σ_t log(p_t/(1 − p_t)) over the completio
 Q = the mean over those tokens of (1 − p_t), exact for one completion token and an
 approximation otherwise (each token really has its own weight). A custom task may supply
 its own output function as a method `trak_output(model, batch) -> (f [B], Q [B])`.
+
+With a run directory, each checkpoint's training features (the expensive part) are saved as
+they finish and score rows are written chunk by chunk, so an interrupted run resumes and the
+train x query matrix never sits in memory at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ from datafluence.gradients.capture import (
     gradient_factors,
 )
 from datafluence.gradients.projection import RandomProjection
+from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
 from datafluence.models.checkpoints import (
     Checkpoint,
@@ -50,10 +56,12 @@ from datafluence.models.checkpoints import (
     using_checkpoint,
 )
 from datafluence.scores import Scores
+from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, ClassificationTask, Examples, Task
 
 Modules = str | type | Iterable[str | type] | None
 RELATIVE_DAMPING = 1e-3
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def output_function(task: Task, model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -195,17 +203,24 @@ class TRAK:
 
     # -- fitting: training features and kernels --
 
-    def fit(self, model: nn.Module, train: Examples) -> TRAK:
-        """Training features Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹ and Q for every checkpoint."""
+    def fit(
+        self, model: nn.Module, train: Examples, run: RunDir | str | Path | None = None
+    ) -> TRAK:
+        """Training features Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹ and Q for every checkpoint.
+
+        With `run`, each checkpoint's Φ_m and Q_m are saved there as they finish (among the
+        run's partitions, so `drop_partitions` frees them) and reused by a re-run.
+        """
         check_devices(model, [("train", train)])
         self.task.check(train, "training")
+        run = RunDir(run) if isinstance(run, str | Path) else run
         features, qs, lambdas, fingerprints = [], [], [], []
         for m, checkpoint in enumerate(self.checkpoints):
             with using_checkpoint(model, checkpoint):
                 if m == 0:
                     self.task.check_model(model, train, "training")
                 fingerprints.append(store.model_fingerprint(model))
-                phi, q = self._features(model, train, m)
+                phi, q = self._train_features(model, train, m, fingerprints[-1], run)
             x, lam = _kernel_features(phi, self.damping)
             features.append(x.to(phi.dtype))
             qs.append(q.double())
@@ -221,6 +236,37 @@ class TRAK:
             "dim": int(features[0].shape[1]),
         }
         return self
+
+    def _train_features(
+        self, model: nn.Module, train: Examples, m: int, model_fp: str, run: RunDir | None
+    ) -> tuple[Tensor, Tensor]:
+        """`_features` of the training set, loaded from / saved to the run when there is one.
+
+        Keyed by what fixes them (projection, layers, task, checkpoint, weights, data), not
+        by the damping, which only enters the kernel solve.
+        """
+        if run is None:
+            return self._features(model, train, m)
+        what = {k: v for k, v in self.settings().items() if k not in ("checkpoints", "damping")}
+        key = store.fingerprint(
+            {
+                "settings": what,
+                "checkpoint": m,
+                "model": model_fp,
+                "train": store.examples_fingerprint(train),
+            }
+        )
+        folder = run.path / "partitions" / f"trak_features-{key}"
+        phi_path, q_path = folder / "features.npy", folder / "q.npy"
+        device = next(model.parameters()).device
+        if phi_path.exists() and q_path.exists():
+            phi = torch.from_numpy(np.load(phi_path)).to(device)
+            return phi, torch.from_numpy(np.load(q_path)).to(device)
+        phi, q = self._features(model, train, m)
+        if phi.dtype in _NUMPY_FLOATS and q.dtype in _NUMPY_FLOATS:  # bfloat16: not cached
+            store.atomic_save_npy(q_path, q.cpu().numpy())
+            store.atomic_save_npy(phi_path, phi.cpu().numpy())  # last: marks the pair done
+        return phi, q
 
     def _features(self, model: nn.Module, examples: Examples, m: int) -> tuple[Tensor, Tensor]:
         """Output-function gradient features [N, k] (projected or raw) and Q [N]."""
@@ -245,21 +291,28 @@ class TRAK:
 
     # -- scoring --
 
-    def score(self, model: nn.Module, train: Examples, queries: Examples) -> Scores:
+    def score(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        run: RunDir | str | Path | None = None,
+    ) -> Scores:
         """Scores [n_train, n_query]; fits on `train` first if `fit` was not called.
 
         After fit, `train` may be the fitted set or a subset of it (matched by id), e.g. a
-        query's pre-filtered candidates.
+        query's pre-filtered candidates. With `run`, the fit's features and the score rows
+        are saved as they finish and a re-run computes only what is missing.
         """
         start = time.perf_counter()
         check_devices(model, [("train", train), ("queries", queries)])
         self.task.check(queries, "query")
+        run = RunDir(run) if isinstance(run, str | Path) else run
         if self._fitted is None:
-            self.fit(model, train)
+            self.fit(model, train, run=run)
         fitted = self._fitted
         assert fitted is not None
         rows = self._rows(train)
-        total = torch.zeros(len(rows), len(queries), dtype=torch.float64)
         for m, checkpoint in enumerate(self.checkpoints):
             with using_checkpoint(model, checkpoint):
                 if m == 0:
@@ -269,17 +322,49 @@ class TRAK:
                         f"checkpoint {m} ({describe_checkpoint(checkpoint)}) differs from the one "
                         "TRAK was fitted with; call fit(model, train) again"
                     )
-                phi_q, _ = self._features(model, queries, m)
-            x = fitted["features"][m][rows]
-            total += (x.double() @ phi_q.double().T).cpu()
-        values = (total / len(self.checkpoints)) * fitted["q"][rows, None].cpu()
+        cache: dict[str, list[Tensor]] = {}  # built on first use: a resumed run whose
+        # partitions are all on disk never computes the query features again
+
+        def compute(lo: int, hi: int) -> Tensor:
+            if "query" not in cache:
+                cache["query"] = [self._query_features(model, queries, m) for m in range(n)]
+            idx = rows[lo:hi]
+            total = sum(
+                fitted["features"][m][idx].double() @ phi_q.T
+                for m, phi_q in enumerate(cache["query"])
+            )
+            values = (total / n) * fitted["q"][idx, None].to(total.device)  # type: ignore[union-attr]
+            return values[:, None, :]
+
+        n = len(self.checkpoints)
+        values, _ = assemble(
+            train,
+            queries,
+            1,
+            self.chunk_size,
+            compute,
+            method="trak",
+            key={
+                "settings": self.settings(),
+                "models": fitted["models"],
+                "fitted_on": fitted["data"],
+            },
+            run=run,
+            per_layer=False,
+        )
         settings = {
             **self.settings(),
             "damping_used": fitted["damping_used"],
             "feature_dim": fitted["dim"],
             "seconds": round(time.perf_counter() - start, 3),
         }
-        return Scores(values.numpy(), train.ids, queries.ids, method=self.name, settings=settings)
+        return Scores(values, train.ids, queries.ids, method=self.name, settings=settings)
+
+    def _query_features(self, model: nn.Module, queries: Examples, m: int) -> Tensor:
+        """Query features φ_m(z_j) [Q, k] in float64 at checkpoint m."""
+        with using_checkpoint(model, self.checkpoints[m]):
+            phi_q, _ = self._features(model, queries, m)
+        return phi_q.double()
 
     def _rows(self, train: Examples) -> Tensor:
         fitted = self._fitted

@@ -70,9 +70,13 @@ class BM25:
         """BM25 scores [n_documents, n_queries] (float64, dense)."""
         if self.weights is None:
             raise RuntimeError("call fit(documents) before score(queries)")
+        return np.asarray((self.weights @ self.query_vectors(queries).T).toarray())
+
+    def query_vectors(self, queries: Sequence[str]) -> sp.csr_matrix:
+        """Binary query term matrix [n_queries, n_terms]: scores = weights @ its transpose."""
         q = self.terms.transform(queries)
         q.data[:] = 1.0  # distinct query terms, each once
-        return np.asarray((self.weights @ q.T).toarray())
+        return q
 
     def top_k(self, queries: Sequence[str], k: int) -> np.ndarray:
         """Indices [n_queries, min(k, n_documents)] of the best documents, best first."""
