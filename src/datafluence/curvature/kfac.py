@@ -36,7 +36,7 @@ def _eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
         vals, vecs = torch.linalg.eigh((matrix + matrix.T) / 2)
     except RuntimeError as err:  # torch.linalg.LinAlgError
         raise FloatingPointError(f"eigendecomposition of the {what} failed: {err}") from err
-    return vals.clamp(min=0), vecs
+    return vals.clamp(min=0), vecs.contiguous()  # the layout saved factors load with
 
 
 @register
