@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from datafluence import distributed
+
 
 class RunMismatchError(RuntimeError):
     """A run directory was made with other settings than the ones asked for now."""
@@ -153,8 +155,15 @@ class RunDir:
 
         Settings must be JSON-able and hold everything that changes the numbers (recipe,
         data and model fingerprints); execution details such as chunk sizes go in `meta`.
+        Under torchrun every rank calls it: rank 0 claims, the others then join.
         """
         settings = json.loads(json.dumps(settings, default=str))
+        # Under torchrun rank 0 checks, clears and creates; the others then find its
+        # meta.json with the same settings and write nothing.
+        with distributed.main_first():
+            return self._claim(settings, overwrite and distributed.is_main(), meta)
+
+    def _claim(self, settings: dict[str, Any], overwrite: bool, meta: dict[str, Any]) -> RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(
                 f"{self.path} exists and is not a directory; choose another --out"
@@ -227,6 +236,11 @@ class RunDir:
         Each partition [start, end) is saved as soon as it is done; partitions already on
         disk are loaded instead of recomputed. The partition size is fixed by the first
         run so a resumed run splits the rows exactly as the interrupted one did.
+
+        Under torchrun every rank must call this with the same arguments: each computes
+        only its share of the missing partitions (distributed.shard), all wait for each
+        other, and every rank returns the whole matrix (with `dest`, rank 0 assembles the
+        file and the others map it). On return, no rank still reads the partition files.
         """
         if n_rows < 1 or n_cols < 1:
             raise ValueError(f"nothing to compute: {n_rows} rows x {n_cols} columns")
@@ -241,32 +255,28 @@ class RunDir:
                     f"not {n_rows}x{n_cols}; use --overwrite or a new output directory"
                 )
             layout = saved
-        else:
+        else:  # several ranks may write it: atomically, with identical content
             atomic_write_json(layout_path, layout)
         size = int(layout["part_size"])
         bounds = [(s, min(s + size, n_rows)) for s in range(0, n_rows, size)]
-        tmp_dest = None
-        if dest is None:
-            out = np.empty((n_rows, n_cols), dtype=np.float32)
-        else:
-            dest = Path(dest)
-            tmp_dest = dest.with_name(f".{dest.name}.assembling.tmp")
-            out = np.lib.format.open_memmap(
-                tmp_dest, mode="w+", dtype=np.float32, shape=(n_rows, n_cols)
-            )
+        paths = [folder / f"rows_{s:09d}_{e:09d}.npy" for s, e in bounds]
+        sharded = distributed.world_size() > 1
+        mine = set(distributed.shard(len(bounds)))
+        # one process fills the result as partitions come; several assemble it afterwards
+        out, tmp_dest = (None, None) if sharded else _assembly(n_rows, n_cols, dest)
         todo = []
-        for start, end in bounds:
-            path = folder / f"rows_{start:09d}_{end:09d}.npy"
+        for i, ((start, end), path) in enumerate(zip(bounds, paths, strict=True)):
             if path.exists():
-                out[start:end] = np.load(path)
-            else:
+                if out is not None:
+                    out[start:end] = np.load(path)
+            elif i in mine:
                 todo.append((start, end, path))
         bar = tqdm(
             total=len(bounds),
             initial=len(bounds) - len(todo),
             desc=desc or name,
             unit="part",
-            disable=not progress,
+            disable=not progress or not distributed.is_main(),
             leave=False,
         )
         try:
@@ -278,7 +288,8 @@ class RunDir:
                         f"expected {(end - start, n_cols)}"
                     )
                 atomic_save_npy(path, block)
-                out[start:end] = block
+                if out is not None:
+                    out[start:end] = block
                 bar.update(1)
         except BaseException as err:
             bar.close()
@@ -293,12 +304,9 @@ class RunDir:
                 "re-run the same command to compute only the rest"
             ) from None
         bar.close()
-        if tmp_dest is not None:
-            out.flush()
-            del out
-            os.replace(tmp_dest, dest)
-            return np.load(dest, mmap_mode="r")
-        return out
+        if sharded:
+            return _assemble_shared(name, folder, bounds, paths, n_rows, n_cols, dest)
+        return _finish(out, tmp_dest, dest)
 
     def drop_partitions(self, name: str | None = None) -> None:
         """Free the disk once the assembled result is saved (all partitions when no name)."""
@@ -306,3 +314,51 @@ class RunDir:
         parent = self.path / "partitions"
         if parent.exists() and not any(parent.iterdir()):
             parent.rmdir()
+
+
+def _assembly(n_rows: int, n_cols: int, dest: str | Path | None) -> tuple[np.ndarray, Path | None]:
+    """The matrix to fill: in memory, or a memory-mapped temporary file beside `dest`."""
+    if dest is None:
+        return np.empty((n_rows, n_cols), dtype=np.float32), None
+    dest = Path(dest)
+    tmp_dest = dest.with_name(f".{dest.name}.assembling.tmp")
+    out = np.lib.format.open_memmap(tmp_dest, mode="w+", dtype=np.float32, shape=(n_rows, n_cols))
+    return out, tmp_dest
+
+
+def _finish(out: np.ndarray, tmp_dest: Path | None, dest: str | Path | None) -> np.ndarray:
+    if tmp_dest is None:
+        return out
+    out.flush()
+    del out
+    os.replace(tmp_dest, dest)  # type: ignore[arg-type]
+    return np.load(dest, mmap_mode="r")  # type: ignore[arg-type]
+
+
+def _assemble_shared(
+    name: str,
+    folder: Path,
+    bounds: list[tuple[int, int]],
+    paths: list[Path],
+    n_rows: int,
+    n_cols: int,
+    dest: str | Path | None,
+) -> np.ndarray:
+    """After every rank saved its partitions: the whole matrix on every rank."""
+    distributed.barrier()
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} partitions of {name!r} are missing from {folder} after every rank "
+            f"finished (e.g. {missing[0]}); do all ranks share this run directory? Put --out on "
+            "a file system every process sees"
+        )
+    if dest is not None and not distributed.is_main():
+        distributed.barrier()  # rank 0 assembles `dest`
+        return np.load(dest, mmap_mode="r")
+    out, tmp_dest = _assembly(n_rows, n_cols, dest)
+    for (start, end), path in zip(bounds, paths, strict=True):
+        out[start:end] = np.load(path)
+    out = _finish(out, tmp_dest, dest)
+    distributed.barrier()  # every rank is done with the partitions: they may be dropped now
+    return out

@@ -3,7 +3,8 @@
 A chunk returns per-layer scores [B, L, Q]; the total is their sum, so per-layer parts add
 up to the values by construction. With a run directory, each chunk is saved as it finishes
 (RunDir.partitioned) into one memory-mapped file laid out [total | layer 1 | ... | layer L],
-so the train x query matrix never has to sit in memory.
+so the train x query matrix never has to sit in memory. Under torchrun the chunks are
+shared out across ranks (distributed.shard) and every rank gets the whole result.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datafluence import store
+from datafluence import distributed, store
 from datafluence.store import RunDir
 from datafluence.tasks import Examples
 
@@ -57,14 +58,15 @@ def assemble(
         return np.concatenate([total, parts.reshape(hi - lo, -1)], axis=1).astype(np.float32)
 
     width = n_cols * (1 + n_layers) if per_layer else n_cols
-    if run is None:
+    if run is None:  # under torchrun: each rank its share of the chunks, then all-gathered
         starts = range(0, n_rows, chunk_size)
-        rows = np.concatenate(
-            [
-                block(lo, min(lo + chunk_size, n_rows))
-                for lo in tqdm(starts, desc=name, unit="chunk", disable=not progress, leave=False)
-            ]
+        mine = distributed.shard(len(starts))
+        quiet = not progress or not distributed.is_main()
+        bar = tqdm(mine, desc=name, unit="chunk", disable=quiet, leave=False)
+        done = distributed.gather(
+            {i: block(starts[i], min(starts[i] + chunk_size, n_rows)) for i in bar}
         )
+        rows = np.concatenate([done[i] for i in range(len(starts))])
     else:
         run.path.mkdir(parents=True, exist_ok=True)
         rows = run.partitioned(
