@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datafluence import store
+from datafluence import distributed, store
 from datafluence.datasets import load_fashion_mnist, load_mnist_subset
 from datafluence.experiments._cli import cli_errors
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
@@ -92,6 +92,10 @@ def make_method(name: str, task: ClassificationTask, model: nn.Module, damping: 
     return methods.RepresentationSimilarity(task, module=last_hidden)
 
 
+def _takes_run(function: Any) -> bool:
+    return "run" in inspect.signature(function).parameters
+
+
 @click.command("scores")
 @click.option("--method", "method_name", type=click.Choice(METHODS), required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
@@ -124,11 +128,17 @@ def scores_command(
     data_dir: str | None,
     overwrite: bool,
 ) -> None:
-    """Attribution scores of one method on a reference classifier, into a run directory."""
+    """Attribution scores of one method on a reference classifier, into a run directory.
+
+    Under `torchrun --nproc_per_node N` the training rows are shared out across the N
+    processes; the result equals a single process's.
+    """
     with cli_errors():
-        model, task, train, queries = reference_setup(
-            data, model_name, n_train, n_queries, data_dir, epochs
-        )
+        distributed.init_from_env()
+        with distributed.main_first():  # rank 0 trains and caches the model, the others load it
+            model, task, train, queries = reference_setup(
+                data, model_name, n_train, n_queries, data_dir, epochs
+            )
         method = make_method(method_name, task, model, damping)
         settings = {
             "command": "scores",
@@ -142,10 +152,15 @@ def scores_command(
         }
         run = RunDir(out).open(settings, overwrite=overwrite, method=method_name)
         if hasattr(method, "fit"):
-            method.fit(model, train)
-        resumable = "run" in inspect.signature(method.score).parameters
-        extra = {"run": run} if resumable else {}
+            if _takes_run(method.fit):  # factors saved in the run: reused when resuming
+                with distributed.main_first():  # rank 0 fits and saves, the others load
+                    method.fit(model, train, run=run)
+            else:
+                method.fit(model, train)
+        extra = {"run": run} if _takes_run(method.score) else {}
         result = method.score(model, train, queries, **extra)
+        if not distributed.is_main():
+            return  # every rank holds the same result; rank 0 alone writes and reports it
         result.save(run.path)
         run.drop_partitions()
         run.update_meta(status="done")
