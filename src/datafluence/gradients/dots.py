@@ -4,6 +4,9 @@ A query side is held per layer in the cheapest exact form: dense matrices [Q, d_
 factors (a [Q, S, d_in'], g [Q, S, d_out]) of raw per-example gradients, or a low rank
 U Vᵀ of preconditioned ones. Training gradients arrive as factors (a, g) and are only
 materialised when the dense form is the cheaper one.
+
+Because a training gradient is Σ_t g_t a_tᵀ, every dot splits exactly into one term
+g_tᵀ Q_j a_t per training token t (`layer_token_dots`), whatever form Q_j is held in.
 """
 
 from __future__ import annotations
@@ -41,17 +44,48 @@ def factors_are_cheaper(layer: Layer, tokens: int) -> bool:
 
 def layer_dots(layer: Layer, a: Tensor, g: Tensor, query: QueryBlock) -> Tensor:
     """⟨Σ_t g_t a_tᵀ, Q_j⟩ for every training example and query -> [B, Q]."""
+    if query.dense is None:  # factored forms cost the same per token: sum the token terms
+        return layer_token_dots(layer, a, g, query).sum(1)
+    grads = layer.per_example(a, g)
+    return grads.reshape(grads.shape[0], -1) @ query.dense.reshape(len(query), -1).to(grads.dtype).T
+
+
+def layer_token_dots(
+    layer: Layer, a: Tensor, g: Tensor, query: QueryBlock, budget: int = 1 << 25
+) -> Tensor:
+    """g_tᵀ Q_j a_t for every training example, token and query -> [B, T, Q].
+
+    Summed over t this is `layer_dots`. A dense query side costs T times more this way
+    (the per-example gradient is never formed), so queries go in blocks whose largest
+    intermediate stays under `budget` elements.
+    """
     if query.factors is not None:
         qa, qg = query.factors
         ga = torch.einsum("bto,qso->bqts", g, qg.to(g.dtype))
-        return (ga * layer.input_gram(a, qa).to(g.dtype)).sum(dim=(2, 3))
+        return (ga * layer.input_gram(a, qa).to(g.dtype)).sum(3).transpose(1, 2)
     if query.lowrank is not None:
         u, v = query.lowrank
         gu = torch.einsum("bto,qor->btqr", g.to(u.dtype), u)
-        return (gu * layer.project_inputs(a, v)).sum(dim=(1, 3)).to(g.dtype)
+        return (gu * layer.project_inputs(a, v)).sum(3).to(g.dtype)
     assert query.dense is not None
-    grads = layer.per_example(a, g)
-    return grads.reshape(grads.shape[0], -1) @ query.dense.reshape(len(query), -1).to(grads.dtype).T
+    dense = query.dense.to(g.dtype)
+    b, t, d_out = g.shape
+    d_in = dense.shape[2]
+    side = d_out if layer.indexed else min(d_out, d_in)
+    step = max(1, budget // max(1, b * t * side))
+    out = []
+    for block in dense.split(step):
+        if layer.indexed:  # Q_j a_t is column a_t of Q_j; padding (-1) contributes nothing
+            picked = block[:, :, a.clamp(min=0)]  # [q, d_out, B, T]
+            terms = torch.einsum("qobt,bto->btq", picked, g) * (a >= 0)[..., None].to(g.dtype)
+        elif d_in < d_out:
+            gq = torch.einsum("bto,qoi->btqi", g, block)
+            terms = (gq * a.to(g.dtype)[:, :, None, :]).sum(-1)
+        else:
+            qa = torch.einsum("qoi,bti->btqo", block, a.to(g.dtype))
+            terms = (qa * g[:, :, None, :]).sum(-1)
+        out.append(terms)
+    return torch.cat(out, dim=2)
 
 
 def squared_norms(layer: Layer, a: Tensor, g: Tensor) -> Tensor:

@@ -12,12 +12,17 @@ examples, by ≈ score / N.
 Queries are preconditioned once; training examples are streamed in chunks against them and
 rows are written as they finish (resumable partitions in a run directory), so the train x
 query matrix never has to sit in memory.
+
+A training gradient is Σ_t g_t a_tᵀ over its token positions and the preconditioning sits
+on the query side, so every score splits exactly into per-token terms −Σ_layers g_tᵀ Q_j a_t
+(`token_scores`, Grosse et al. 2023), for every curvature strategy.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,13 @@ from datafluence.gradients.capture import (
     data_fingerprint,
     gradient_factors,
 )
-from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, low_rank
+from datafluence.gradients.dots import (
+    QueryBlock,
+    factors_are_cheaper,
+    layer_dots,
+    layer_token_dots,
+    low_rank,
+)
 from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
 from datafluence.scores import Scores
@@ -136,26 +147,16 @@ class InfluenceFunction:
         """Scores [n_train, n_query]; parts["per_layer"] [n_layers, n_train, n_query] sum to
         the values exactly. Fits the curvature first if `fit` was not called."""
         start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        self.task.check_model(model, train, "training")
-        self.task.check_model(model, queries, "query")
-        run = as_run(run)
-        self._ensure_fitted(model, train, run)
-        space = self._space(model)
-        cache: dict[str, dict[str, QueryBlock]] = {}  # built on first use: a resumed run
-        # whose partitions are all on disk never preconditions the queries again
+        run, space = self._prepare(model, train, queries, run)
+        query = self._lazy_query_side(model, queries, space)
 
         def compute(lo: int, hi: int) -> Tensor:
-            if "query" not in cache:
-                cache["query"] = self._query_side(model, queries, space)
-            query = cache["query"]
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
             factors = gradient_factors(model, self.task, batch, space, "loss")
+            blocks = query()
             return -torch.stack(
                 [
-                    layer_dots(layer, *factors[layer.name], query[layer.name])
+                    layer_dots(layer, *factors[layer.name], blocks[layer.name])
                     for layer in space.layers
                 ],
                 dim=1,
@@ -168,29 +169,71 @@ class InfluenceFunction:
             self.chunk_size,
             compute,
             method="influence",
-            key={
-                "settings": self.settings(),
-                "model": self._fitted_on,
-                "fitted_on": self._fitted_data,
-            },
+            key=self._key(),
             run=run,
             per_layer=per_layer,
             progress=self.progress,
         )
-        settings = {
-            **self.settings(),
-            "layers": space.names,
-            "damping_used": dict(self.curvature.lambdas),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(
-            values,
-            train.ids,
-            queries.ids,
-            method=self.name,
-            settings=settings,
-            parts={} if parts is None else {"per_layer": parts},
+        return self._scores(
+            values, {} if parts is None else {"per_layer": parts}, train, queries, space, start
         )
+
+    def token_scores(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        run: RunDir | str | Path | None = None,
+    ) -> Scores:
+        """Scores [n_train, n_query] and parts["per_token"] [T, n_train, n_query]: the share
+        of each training token position (T = the training examples' padded `input_ids`
+        width), summing to the values exactly.
+
+        Position t's term −Σ_layers g_tᵀ Q_j a_t is what the layers' weight gradient at
+        input position t contributes: for a causal LM, the prediction of token t + 1 plus
+        the way position t's representation serves later predictions. Positions a sequence
+        does not use (padding, and its last token, which predicts nothing) hold 0. Every
+        selected layer must run once per forward pass on the input positions (Linear,
+        GPT-2 Conv1D, token Embedding of a sequence model); Conv2d layers, modules called
+        several times, and output heads run on fewer positions (CausalLMTask with
+        slice_logits=True) are refused. Like `score`, rows stream in chunks and resume from
+        a run directory; the result holds T + 1 matrices the size of the values.
+        """
+        start = time.perf_counter()
+        check_token_layers(self._space(model))
+        width = token_width(train)
+        run, space = self._prepare(model, train, queries, run)
+        query = self._lazy_query_side(model, queries, space)
+
+        def compute(lo: int, hi: int) -> Tensor:
+            batch = {k: v[lo:hi] for k, v in train.tensors.items()}
+            with count_calls(space) as calls:
+                factors = gradient_factors(model, self.task, batch, space, "loss")
+            fed = token_count(space, factors, calls, width)
+            blocks = query()
+            first = factors[space.layers[0].name][1]
+            out = torch.zeros(
+                hi - lo, width, len(queries), dtype=torch.float64, device=first.device
+            )
+            for layer in space.layers:
+                terms = layer_token_dots(layer, *factors[layer.name], blocks[layer.name])
+                out[:, :fed] -= terms.double()
+            return out
+
+        values, parts = assemble(
+            train,
+            queries,
+            width,
+            self.chunk_size,
+            compute,
+            method="influence",
+            key={**self._key(), "parts": "per_token"},
+            run=run,
+            per_layer=True,
+            progress=self.progress,
+        )
+        assert parts is not None
+        return self._scores(values, {"per_token": parts}, train, queries, space, start)
 
     def self_score(
         self, model: nn.Module, train: Examples, run: RunDir | str | Path | None = None
@@ -220,6 +263,60 @@ class InfluenceFunction:
         return torch.cat(out).numpy().astype(np.float32)
 
     # -- internals --
+
+    def _prepare(
+        self, model: nn.Module, train: Examples, queries: Examples, run: RunDir | str | Path | None
+    ) -> tuple[RunDir | None, ParamSpace]:
+        """Check the inputs and fit the curvature if needed: what every scoring pass does."""
+        check_devices(model, [("train", train), ("queries", queries)])
+        self.task.check(train, "training")
+        self.task.check(queries, "query")
+        self.task.check_model(model, train, "training")
+        self.task.check_model(model, queries, "query")
+        checked = as_run(run)
+        self._ensure_fitted(model, train, checked)
+        return checked, self._space(model)
+
+    def _lazy_query_side(
+        self, model: nn.Module, queries: Examples, space: ParamSpace
+    ) -> Callable[[], dict[str, QueryBlock]]:
+        """The preconditioned queries, built on first use: a resumed run whose partitions are
+        all on disk never preconditions them again."""
+        cache: dict[str, dict[str, QueryBlock]] = {}
+
+        def get() -> dict[str, QueryBlock]:
+            if "query" not in cache:
+                cache["query"] = self._query_side(model, queries, space)
+            return cache["query"]
+
+        return get
+
+    def _key(self) -> dict[str, Any]:
+        """What fixes the numbers of a scoring pass (names its partitions)."""
+        return {
+            "settings": self.settings(),
+            "model": self._fitted_on,
+            "fitted_on": self._fitted_data,
+        }
+
+    def _scores(
+        self,
+        values: np.ndarray,
+        parts: dict[str, np.ndarray],
+        train: Examples,
+        queries: Examples,
+        space: ParamSpace,
+        start: float,
+    ) -> Scores:
+        settings = {
+            **self.settings(),
+            "layers": space.names,
+            "damping_used": dict(self.curvature.lambdas),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        return Scores(
+            values, train.ids, queries.ids, method=self.name, settings=settings, parts=parts
+        )
 
     def _context(self, model: nn.Module, train: Examples) -> FitContext:
         return FitContext(
@@ -273,3 +370,76 @@ def modules_setting(modules: Modules) -> Any:
         return None
     items = [modules] if isinstance(modules, str | type) else list(modules)
     return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]
+
+
+def token_width(train: Examples) -> int:
+    """The training sequences' padded length: the token axis of per-token scores."""
+    ids = train.tensors.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        got = {k: tuple(v.shape) for k, v in train.tensors.items()}
+        raise ValueError(
+            "per-token scores need token sequences: the training examples must hold a 2-D "
+            f"'input_ids' tensor [n, T], but they hold {got}; build them with "
+            "CausalLMTask.examples(texts), or use score() for per-example scores"
+        )
+    return int(ids.shape[1])
+
+
+def check_token_layers(space: ParamSpace) -> None:
+    """Refuse layers whose 'tokens' are not input positions (known before any pass)."""
+    for layer in space.layers:
+        if layer.kind == "conv2d":
+            raise ValueError(
+                f"layer {layer.name!r} is a Conv2d: its tokens are spatial patches, not input "
+                "positions; per-token decomposition needs layers applied once per input token "
+                "(Linear, GPT-2 Conv1D, token Embedding); leave it out of `modules`"
+            )
+
+
+@contextmanager
+def count_calls(space: ParamSpace) -> Iterator[dict[str, int]]:
+    """How many times each selected module runs in the forward passes inside the block."""
+    calls = dict.fromkeys(space.names, 0)
+
+    def hook(name: str) -> Callable[..., None]:
+        def count(*_: Any) -> None:
+            calls[name] += 1
+
+        return count
+
+    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in space.layers]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def token_count(
+    space: ParamSpace, factors: dict[str, tuple[Tensor, Tensor]], calls: dict[str, int], width: int
+) -> int:
+    """The number of input positions fed to the model, checked to be the token count of every
+    selected layer (position t of a layer = input position t)."""
+    hint = (
+        "per-token decomposition needs layers applied once per input token; leave it out of "
+        "`modules`"
+    )
+    for name, n in calls.items():
+        if n != 1:
+            raise ValueError(f"module {name!r} ran {n} times in one forward pass; {hint}")
+    counts = {name: int(g.shape[1]) for name, (_, g) in factors.items()}
+    fed = max(counts.values())
+    widest = max(counts, key=counts.__getitem__)
+    if fed > width:
+        raise ValueError(
+            f"layer {widest!r} sees {fed} tokens per example but the training sequences have "
+            f"{width} positions; {hint}"
+        )
+    for name, n in counts.items():
+        if n != fed:
+            raise ValueError(
+                f"layer {name!r} sees {n} tokens per example while layer {widest!r} sees {fed} "
+                f"(the input positions); {hint} (a CausalLMTask with slice_logits=True runs the "
+                "output head on the predicting positions only: pass slice_logits=False)"
+            )
+    return fed

@@ -14,6 +14,7 @@ from datafluence.metrics.desiderata import (
     pairwise_distances,
     power_law_tail,
     sparsity,
+    spurious_sequences,
     summarize,
     symmetry,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "pbrf_agreement",
     "power_law_tail",
     "sparsity",
+    "spurious_sequences",
     "summarize",
     "symmetry",
 ]

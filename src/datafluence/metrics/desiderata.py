@@ -2,7 +2,8 @@
 
 Every function takes a `Scores` object or an array shaped [n_train, n_query] (rows = training
 examples, columns = queries) and returns a dict of Python floats/ints, so results go straight
-into metrics.json.
+into metrics.json. The exception is `spurious_sequences`, which reads per-token parts
+[T, n_train, n_query] and returns one ratio and flag per (training sequence, query) pair.
 
 Conventions shared by all functions:
 
@@ -35,6 +36,7 @@ __all__ = [
     "pairwise_distances",
     "power_law_tail",
     "sparsity",
+    "spurious_sequences",
     "summarize",
     "symmetry",
 ]
@@ -250,6 +252,54 @@ def sparsity(
         out["powerlaw_ks"] = fit["ks"]
         out["powerlaw_n_tail"] = int(fit["n_tail"])
     return out
+
+
+def spurious_sequences(
+    token_scores: ScoresLike, threshold: float = 2 / 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training sequences whose influence on a query sits on one or two tokens.
+
+    Why (Grosse et al. 2023): influence concentrated on a single token usually comes from a
+    token-level coincidence (a shared rare token, a formatting mark) rather than from what
+    the sequence says, so such pairs should not be read as evidence of learning from content.
+
+    Per (training sequence, query) pair, the ratio ‖s‖₂ / ‖s‖₁ of its per-token scores s:
+    1 when one token holds all the influence, 1/√k when k tokens share it evenly (1/√2 ≈ 0.71
+    for two, so the default threshold 2/3 flags one or two dominant tokens), 0 for an
+    all-zero pair (never flagged). `token_scores`: a Scores with parts["per_token"]
+    [T, n_train, n_query] (InfluenceFunction.token_scores) or that array.
+    Returns (ratio [n_train, n_query] float64, flags = ratio > threshold).
+    """
+    if isinstance(token_scores, Scores):
+        if "per_token" not in token_scores.parts:
+            raise ValueError(
+                f"these {token_scores.method!r} scores have no parts['per_token'] (parts: "
+                f"{sorted(token_scores.parts)}); compute them with "
+                "InfluenceFunction.token_scores(model, train, queries)"
+            )
+        parts = token_scores.parts["per_token"]
+    else:
+        parts = token_scores
+    if np.ndim(parts) != 3 or 0 in np.shape(parts):
+        raise ValueError(
+            f"per-token scores must be a non-empty 3-D array [T, n_train, n_query] (token "
+            f"positions first, like parts['per_token']), got shape {np.shape(parts)}"
+        )
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(
+            f"threshold must lie in [0, 1) (the ratio is at most 1), got {threshold}; 2/3 "
+            "flags influence held by one or two tokens"
+        )
+    _, n_train, n_query = np.shape(parts)
+    ratio = np.zeros((n_train, n_query))
+    step = max(1, (1 << 24) // (np.shape(parts)[0] * n_query))  # bounded memory for memmaps
+    for lo in range(0, n_train, step):
+        s = np.asarray(parts[:, lo : lo + step], dtype=np.float64)
+        _check_finite(s, "per-token scores")
+        l1 = np.abs(s).sum(axis=0)
+        l2 = np.sqrt((s * s).sum(axis=0))
+        np.divide(l2, l1, out=ratio[lo : lo + step], where=l1 > 0)
+    return ratio, ratio > threshold
 
 
 class _SortedSample:
