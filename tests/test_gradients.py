@@ -143,6 +143,43 @@ def test_projection_is_seeded_and_preserves_inner_products():
         RandomProjection(8, "sparse")
 
 
+def drawn_matrix(dim: int, kind: str, seed: int, name: str, width: int, total: int):
+    """The projection's definition, straight: block b of a layer's columns comes from a
+    generator seeded by sha256(f"{seed}/{name}/{b}"); entries (2 * randint - 1) / √dim or
+    randn / √dim in float32."""
+    import hashlib
+    import math
+
+    blocks = []
+    for b, lo in enumerate(range(0, total, width)):
+        digest = hashlib.sha256(f"{seed}/{name}/{b}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        shape = (dim, min(lo + width, total) - lo)
+        if kind == "gaussian":
+            m = torch.randn(*shape, generator=gen)
+        else:
+            m = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+        blocks.append(m / math.sqrt(dim))
+    return torch.cat(blocks, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_numbers_are_pinned_whatever_the_cache(kind, monkeypatch):
+    """Projecting unit vectors reads the matrix back entry by entry: the same numbers in
+    float32 and float64, on first and cached calls, and with blocks beyond the cache."""
+    from datafluence.gradients import projection
+
+    dim, total = 3 << 18, 7  # 5 columns a block (2^22 entries at most): two blocks; √dim
+    expected = drawn_matrix(dim, kind, 7, "layer", 5, total)  # is not a float32 number
+    for budget in (projection.CACHE_BYTES, 0, 5 * dim * (1 if kind == "rademacher" else 4)):
+        monkeypatch.setattr(projection, "CACHE_BYTES", budget)
+        proj = RandomProjection(dim, kind, seed=7)
+        for dtype in (torch.float32, torch.float64, torch.float32):  # the last one cached
+            got = proj.project("layer", torch.eye(total, dtype=dtype)).T
+            assert torch.equal(got, expected.to(dtype))
+        assert proj._cached <= budget
+
+
 def test_gradient_similarity_dot_cosine_and_sign():
     """dot = ∇m_j · (−∇L_i): one SGD step of size η on example i changes m_j by η × dot."""
     torch.manual_seed(0)
