@@ -96,7 +96,9 @@ def gather(mine: dict[int, T]) -> dict[int, T]:
 @contextmanager
 def main_first() -> Iterator[None]:
     """Run the body on rank 0 first, then on the others: rank 0 creates or fits what the
-    rest then find on disk (a run directory's meta.json, a cached model, saved curvature)."""
+    rest then find on disk (a run directory's meta.json, a cached model, saved curvature).
+    The body must not wait for the other ranks itself (no barrier, no sharded partitions):
+    they are still waiting for it to end."""
     if not is_main():
         barrier()
     yield
