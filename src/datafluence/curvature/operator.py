@@ -35,29 +35,35 @@ class CurvatureOperator:
         self.dim = ctx.space.dim
 
     def matvec(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
-        """G V for V [P, k] (float64 result); `indices` restricts the mean to a subset."""
+        """G V for V [P, k] (float64 result); `indices` restricts the mean to a subset.
+
+        V is turned into parameter-shaped tensors once per product, and each chunk's result
+        is summed (float64) in that shape, flattened once at the end: no per-chunk,
+        per-column conversions.
+        """
         ctx = self.ctx
         examples = ctx.train if indices is None else ctx.train[torch.as_tensor(indices)]
-        out = torch.zeros(vectors.shape, dtype=torch.float64, device=vectors.device)
+        product = self._gn if self.matrix == "gn" else self._hessian
         with eval_mode(ctx.model), ctx.space.gradients_on(ctx.model) as params:
+            v = self._param_vectors(vectors)
+            total = [torch.zeros_like(t, dtype=torch.float64) for t in v]
             for _, _, batch in chunks(examples, ctx.chunk_size):
-                product = self._gn if self.matrix == "gn" else self._hessian
-                out += product(batch, params, vectors)
-        return out / len(examples)
+                for acc, part in zip(total, product(batch, params, v), strict=True):
+                    if part is not None:
+                        acc += part
+        return self._flat(total) / len(examples)
 
-    def _hessian(self, batch: dict[str, Tensor], params: list, vectors: Tensor) -> Tensor:
+    def _hessian(self, batch: dict[str, Tensor], params: list, v: list[Tensor]) -> tuple:
         losses = per_example(
             self.ctx.task.loss(self.ctx.model, batch), batch_size_of(batch), "loss"
         )
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:  # the loss is linear in the parameters
-            return torch.zeros_like(vectors)
-        v = self._param_vectors(vectors)
-        hv = _grad([grads[i] for i in used], params, [v[i] for i in used])
-        return self._flat(hv, params)
+            return (None,) * len(params)
+        return _grad([grads[i] for i in used], params, [v[i] for i in used])
 
-    def _gn(self, batch: dict[str, Tensor], params: list, vectors: Tensor) -> Tensor:
+    def _gn(self, batch: dict[str, Tensor], params: list, v: list[Tensor]) -> tuple:
         task = self.ctx.task
         outputs = task.outputs(self.ctx.model, batch)
         dummy = torch.zeros_like(outputs, requires_grad=True)
@@ -66,26 +72,29 @@ class CurvatureOperator:
         out_d = outputs.detach().requires_grad_(True)
         losses = loss_from_outputs(task, out_d, batch)
         (dl,) = torch.autograd.grad(losses.sum(), out_d, create_graph=True)
-        v = self._param_vectors(vectors)
         (jv,) = _grad([jt_dummy[i] for i in used], [dummy], [v[i] for i in used])
         (hjv,) = _grad([dl], [out_d], [jv])
-        return self._flat(_grad([outputs], params, [hjv]), params)
+        return _grad([outputs], params, [hjv])
 
     def _param_vectors(self, vectors: Tensor) -> list[Tensor]:
-        """[P, k] -> per-parameter tensors with a leading k dimension."""
-        cols = [self.ctx.space.to_param_tensors(vectors[:, j]) for j in range(vectors.shape[1])]
-        return [torch.stack(group) for group in zip(*cols, strict=True)]
+        """[P, k] -> tensors aligned with `parameters()` (in their dtype), leading dim k."""
+        space = self.ctx.space
+        blocks = space.unflatten(vectors.T.contiguous())
+        out = []
+        for layer in space.layers:
+            dtype = layer.weight.dtype
+            out.extend(t.to(dtype) for t in layer.from_matrix(blocks[layer.name]))
+        return out
 
-    def _flat(self, grads: Sequence[Tensor | None], params: list) -> Tensor:
-        """Per-parameter results with a leading k dimension -> [P, k] float64."""
-        k = next(g.shape[0] for g in grads if g is not None)
-        filled = [
-            torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
-            for g, p in zip(grads, params, strict=True)
-        ]
-        return torch.stack(
-            [self.ctx.space.from_param_grads([g[j] for g in filled]) for j in range(k)], dim=1
-        ).double()
+    def _flat(self, grads: Sequence[Tensor]) -> Tensor:
+        """Tensors aligned with `parameters()`, leading dim k -> [P, k] float64."""
+        space = self.ctx.space
+        blocks, i = {}, 0
+        for layer in space.layers:
+            n = len(layer.parameters())
+            blocks[layer.name] = layer.to_matrix(grads[i], grads[i + 1] if n == 2 else None)
+            i += n
+        return space.flatten(blocks).T.contiguous().double()
 
 
 def _grad(outputs: list[Tensor], inputs: list, cotangents: list[Tensor]) -> tuple:
