@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from datafluence import store
-from datafluence.gradients.capture import all_factors, check_devices, gradient_factors
+from datafluence.gradients.capture import all_factors, check_devices, chunks, gradient_factors
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.rows import assemble
@@ -145,6 +145,39 @@ class TracInCP:
             settings=settings,
             parts={} if parts is None else {"per_layer": parts.astype(np.float32)},
         )
+
+    def self_score(self, model: nn.Module, train: Examples) -> np.ndarray:
+        """Self-influence score(i, i) for every training example, float32 [n_train].
+
+        For m = −L it is Σ_k η_k |∇L_i(θ_k)|², the learning-rate weighted squared gradient
+        norms along the run: examples the run kept pushing hard on (mislabelled or atypical
+        ones) score high (Pruthi et al. 2020, Section 4.1). Equals the diagonal of
+        `score(model, train, train)` (projection included) without the n x n matrix.
+        """
+        check_devices(model, [("train", train)])
+        self.task.check(train, "training")
+        total = np.zeros(len(train))
+        for k, (checkpoint, lr) in enumerate(
+            zip(self.checkpoints, self.learning_rates, strict=True)
+        ):
+            with using_checkpoint(model, checkpoint):
+                if k == 0:
+                    self.task.check_model(model, train, "training")
+                space = ParamSpace.of(model, self.modules)
+                out = []
+                for _, _, batch in chunks(train, self.chunk_size):
+                    loss = gradient_factors(model, self.task, batch, space, "loss")
+                    meas = gradient_factors(model, self.task, batch, space, "measure")
+                    value = torch.zeros(len(next(iter(batch.values()))), dtype=torch.float64)
+                    for layer in space.layers:
+                        sides = [layer.per_example(*f[layer.name]) for f in (loss, meas)]
+                        if self.projector is not None:
+                            sides = [self.projector.project(layer.name, s) for s in sides]
+                        dots = (sides[0] * sides[1]).flatten(1).sum(1)
+                        value = value - dots.detach().double().cpu()
+                    out.append(value)
+            total += lr * torch.cat(out).numpy()
+        return total.astype(np.float32)
 
     def _one(
         self,
