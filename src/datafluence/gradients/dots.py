@@ -44,6 +44,21 @@ def factors_are_cheaper(layer: Layer, tokens: int) -> bool:
 
 def layer_dots(layer: Layer, a: Tensor, g: Tensor, query: QueryBlock) -> Tensor:
     """⟨Σ_t g_t a_tᵀ, Q_j⟩ for every training example and query -> [B, Q]."""
+    if query.lowrank is not None and not layer.indexed:
+        u, v = query.lowrank
+        d_out, d_in = u.shape[1], v.shape[1]
+        if a.shape[1] * (d_out + d_in) * u.shape[2] > d_out * d_in:
+            # Many positions (conv layers): T per-token terms of rank r cost more than one
+            # dense dot, so rebuild U Vᵀ in query blocks (the stored side stays low-rank).
+            grads = layer.per_example(a, g).reshape(g.shape[0], -1)
+            step = max(1, (1 << 25) // (d_out * d_in))
+            return torch.cat(
+                [
+                    grads @ (bu @ bv.transpose(1, 2)).reshape(len(bu), -1).to(grads.dtype).T
+                    for bu, bv in zip(u.split(step), v.split(step), strict=True)
+                ],
+                dim=1,
+            )
     if query.dense is None:  # factored forms cost the same per token: sum the token terms
         return layer_token_dots(layer, a, g, query).sum(1)
     grads = layer.per_example(a, g)
