@@ -4,5 +4,6 @@
 EXPERIMENTS = {
     "cnn-fashion-mnist": "datafluence.experiments.cnn_fashion_mnist",
     "knowledge-domains": "datafluence.experiments.knowledge_domains",
+    "mislabel-detection": "datafluence.experiments.mislabel_detection",
     "simfluence": "datafluence.experiments.simfluence",
 }
