@@ -133,7 +133,7 @@ def two_ranks(tmp_path_factory):
             kept[path] = path.stat().st_ino
         else:
             path.unlink()
-    (partial.path / f"{name.name}.npy").unlink()  # the assembled matrix goes too
+    (name / "assembled.npy").unlink()  # the assembled matrix goes too
 
     job = root / "job" / "partitions" / "known"
     job.mkdir(parents=True)

@@ -37,6 +37,9 @@ def test_scores_then_evaluate(cache):
     other = CliRunner().invoke(main, ["evaluate", str(ekfac), "--against", str(identity)])
     assert other.exit_code == 0 and json.loads(other.output)["pearson"] < 1
     assert "against:identity" in json.loads((ekfac / "metrics.json").read_text())
+    # once the scores are saved, nothing of the working matrices stays behind
+    assert not (ekfac / "partitions").exists()
+    assert sorted(p.name for p in ekfac.glob("*.npy")) == ["parts.per_layer.npy", "scores.npy"]
 
 
 def test_scores_refuses_other_settings(cache):

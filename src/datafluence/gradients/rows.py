@@ -77,7 +77,7 @@ def assemble(
             block,
             desc=name,
             progress=progress,
-            dest=run.path / f"{name}.npy",
+            dest=run.path / "partitions" / name / "assembled.npy",  # drop_partitions frees it
         )
     values = rows[:, :n_cols]
     if not per_layer:
