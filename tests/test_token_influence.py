@@ -342,3 +342,16 @@ def test_spurious_reads_token_scores_and_rejects_bad_input(tokenizer):
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="per-token scores contains 1 NaN"):
         spurious_sequences(bad)
+
+
+def test_second_order_solvers_name_the_fix_for_kernels_without_double_backward(tokenizer):
+    """transformers' default SDPA attention has no double backward on CPU: CG must say how
+    to get one (eager attention) or which strategies need none."""
+    model = gpt2(tokenizer)
+    model.config._attn_implementation = "sdpa"
+    task = CausalLMTask(tokenizer)
+    train = task.examples(TRAIN[:2])
+    queries = task.examples(QUERIES[:1])
+    method = InfluenceFunction(task, "cg", max_iter=2, progress=False)
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'.*ekfac"):
+        method.score(model, train, queries)

@@ -106,12 +106,27 @@ def _grad(outputs: list[Tensor], inputs: list, cotangents: list[Tensor]) -> tupl
         )
     except RuntimeError:
         k = cotangents[0].shape[0]
-        rows = [
-            torch.autograd.grad(
-                outputs, inputs, [c[j] for c in cotangents], retain_graph=True, allow_unused=True
-            )
-            for j in range(k)
-        ]
+        try:
+            rows = [
+                torch.autograd.grad(
+                    outputs,
+                    inputs,
+                    [c[j] for c in cotangents],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for j in range(k)
+            ]
+        except RuntimeError as err:
+            if "derivative for" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{err}. Curvature-vector products (explicit, cg, lissa, arnoldi) "
+                "differentiate the model twice, and this op has no second derivative: for "
+                "a transformers model load it with attn_implementation='eager' (the fused "
+                "scaled-dot-product attention has none on CPU), or use curvature='ekfac', "
+                "'kfac', 'diagonal' or 'identity', which need first derivatives only"
+            ) from err
         return tuple(
             None if rows[0][i] is None else torch.stack([r[i] for r in rows])
             for i in range(len(inputs))
