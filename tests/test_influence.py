@@ -168,7 +168,7 @@ def test_scale_is_a_mean_duplicating_the_training_set_changes_nothing():
 def test_self_score_is_the_diagonal_and_chunking_changes_nothing():
     model = mlp()
     task, train = data(n=11)
-    for curvature in ("explicit", "ekfac"):
+    for curvature in ("explicit", "ekfac", "kfac", "diagonal"):
         full = InfluenceFunction(task, curvature, chunk_size=4, progress=False)
         matrix = full.score(model, train, train).values
         np.testing.assert_allclose(full.self_score(model, train), np.diag(matrix), rtol=1e-5)
@@ -380,3 +380,28 @@ def test_causal_lm_sign_and_exact_fisher(tiny_lm):
     np.testing.assert_allclose(
         scores.parts["per_layer"].sum(0), scores.values, rtol=1e-5, atol=1e-7
     )
+
+
+class _BagOfTokens(nn.Module):
+    """An embedding and a layer applied per token (many tokens) before a one-token head:
+    self-influence then mixes factor-paired layers with solved ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(x))).sum(1))
+
+
+def test_self_score_mixing_paired_and_solved_layers_is_the_diagonal():
+    torch.manual_seed(0)
+    model = _BagOfTokens().double().eval()
+    task = ClassificationTask()
+    train = task.examples(torch.randint(0, 7, (9, 5)), torch.randint(0, 3, (9,)))
+    for curvature in ("ekfac", "kfac"):
+        method = InfluenceFunction(task, curvature, modules=["emb", "mix", "head"], progress=False)
+        diagonal = np.diag(method.score(model, train, train).values)
+        np.testing.assert_allclose(method.self_score(model, train), diagonal, rtol=1e-5)

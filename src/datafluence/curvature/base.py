@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from datafluence.curvature.damping import Damping, check_damping
 from datafluence.gradients.capture import chunks
+from datafluence.gradients.layers import Layer
 from datafluence.gradients.space import Blocks, ParamSpace
 from datafluence.tasks import Examples, Task
 
@@ -90,6 +91,14 @@ class Curvature(ABC):
 
     @abstractmethod
     def _solve(self, vectors: Blocks) -> Blocks: ...
+
+    def pair_products(
+        self, layer: Layer, left: tuple[Tensor, Tensor], right: tuple[Tensor, Tensor]
+    ) -> Tensor | None:
+        """⟨Σ_t g_t a_tᵀ, (G_l + λI)⁻¹ Σ_s g'_s a'_sᵀ⟩ per example [B] for two sets of factors
+        (a, g) of the same examples, when the strategy can get it from the factors more
+        cheaply than by solving gradient matrices (self-influence); None otherwise."""
+        return None
 
     def state(self) -> dict[str, Tensor]:
         """Everything fitted, as tensors (saved with safetensors)."""

@@ -114,6 +114,23 @@ class KFAC(Curvature):
             )
         return out
 
+    def pair_products(
+        self, layer: Layer, left: tuple[Tensor, Tensor], right: tuple[Tensor, Tensor]
+    ) -> Tensor | None:
+        """One token per example (Linear layers of an MLP): each gradient g aᵀ rotates to
+        (Q_Sᵀ g)(Q_Aᵀ a)ᵀ, so ⟨L, (E + λ)⁻¹ ∘ R⟩ = (g̃_L ∘ g̃_R)ᵀ (E + λ)⁻¹ (ã_L ∘ ã_R):
+        O(d_out·d_in) per example instead of rotating two dense matrices."""
+        if layer.indexed or left[0].shape[1] != 1 or right[0].shape[1] != 1:
+            return None
+        name = layer.name
+        dtype = left[1].dtype
+        qs = self.s_vecs[name].to(device=left[1].device, dtype=dtype)
+        qa = self.a_vecs[name].to(device=left[1].device, dtype=dtype)  # type: ignore[union-attr]
+        inverse = 1 / (self.eigs[name].to(device=qs.device, dtype=dtype) + self.lambdas[name])
+        g = (left[1][:, 0] @ qs) * (right[1][:, 0] @ qs)
+        a = (left[0][:, 0].to(dtype) @ qa) * (right[0][:, 0].to(dtype) @ qa)
+        return ((g @ inverse) * a).sum(1)
+
     def block(self, name: str) -> Tensor:
         """The dense, undamped curvature block of one layer (float64; small layers, checks)."""
         qs = self.s_vecs[name]

@@ -252,13 +252,23 @@ class InfluenceFunction:
         for _, _, batch in chunks(train, self.chunk_size):
             loss = gradient_factors(model, self.task, batch, space, "loss")
             meas = gradient_factors(model, self.task, batch, space, "measure")
-            pre = self.curvature.solve(
-                {n: space.by_name[n].per_example(a, g) for n, (a, g) in meas.items()}
-            )
             total = 0
+            rest = []  # layers the strategy cannot pair from factors: solve their gradients
             for layer in space.layers:
-                grads = layer.per_example(*loss[layer.name])
-                total = total - (grads * pre[layer.name].to(grads.dtype)).sum(dim=(1, 2))
+                pair = None
+                if self.curvature.block_diagonal:
+                    pair = self.curvature.pair_products(layer, loss[layer.name], meas[layer.name])
+                if pair is None:
+                    rest.append(layer)
+                else:
+                    total = total - pair
+            if rest:
+                pre = self.curvature.solve(
+                    {l.name: l.per_example(*meas[l.name]) for l in rest}  # noqa: E741
+                )
+                for layer in rest:
+                    grads = layer.per_example(*loss[layer.name])
+                    total = total - (grads * pre[layer.name].to(grads.dtype)).sum(dim=(1, 2))
             out.append(total.detach().double().cpu())
         return torch.cat(out).numpy().astype(np.float32)
 
