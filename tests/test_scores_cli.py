@@ -31,11 +31,12 @@ def test_scores_then_evaluate(cache):
     a, b = Scores.load(identity), Scores.load(ekfac)
     assert a.shape == b.shape == (60, 5) and a.train_ids == b.train_ids
     assert np.isfinite(b.values).all() and not np.allclose(a.values, b.values)
-    same = CliRunner().invoke(main, ["evaluate", str(identity), "--against", str(identity)])
-    assert same.exit_code == 0
-    assert json.loads(same.output)["pearson"] == pytest.approx(1.0)
-    other = CliRunner().invoke(main, ["evaluate", str(ekfac), "--against", str(identity)])
-    assert other.exit_code == 0 and json.loads(other.output)["pearson"] < 1
+    evaluate = ["evaluate", str(identity), str(ekfac), "--against", str(identity), "--json"]
+    result = CliRunner().invoke(main, evaluate)
+    assert result.exit_code == 0, result.output
+    both = json.loads(result.output)
+    assert both[str(identity)]["pearson"] == pytest.approx(1.0)
+    assert both[str(ekfac)]["pearson"] < 1
     assert "against:identity" in json.loads((ekfac / "metrics.json").read_text())
     # once the scores are saved, nothing of the working matrices stays behind
     assert not (ekfac / "partitions").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from datafluence.experiments import EXPERIMENTS, scores_cli
+from datafluence.experiments import EXPERIMENTS, groundtruth_cli, scores_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +40,8 @@ for _name, _module in EXPERIMENTS.items():
     experiment.add_command(importlib.import_module(_module).command, _name)
 
 main.add_command(scores_cli.scores_command)
-main.add_command(scores_cli.evaluate_command)
+main.add_command(groundtruth_cli.groundtruth_command)
+main.add_command(groundtruth_cli.evaluate_command)
 
 
 @main.command()
