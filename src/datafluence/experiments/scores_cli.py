@@ -6,8 +6,6 @@ from the library.
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -19,7 +17,6 @@ from datafluence import distributed, store
 from datafluence.datasets import load_fashion_mnist, load_mnist_subset
 from datafluence.experiments._cli import cli_errors
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
-from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import ClassificationTask, Examples
 
@@ -169,23 +166,3 @@ def scores_command(
         f"{method_name}: {result.shape[0]} train x {result.shape[1]} queries -> {out}/scores.npy "
         f"(mean {values.mean():.4g}, max |s| {np.abs(values).max():.4g})"
     )
-
-
-@click.command("evaluate")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--against",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="Ground-truth run directory.",
-)
-def evaluate_command(run: str, against: str) -> None:
-    """Correlation of a run's scores with a ground-truth run's (same ids), per query and overall."""
-    from datafluence.metrics.attribution import pbrf_agreement
-
-    with cli_errors():
-        estimate, truth = Scores.load(run), Scores.load(against)
-        result: dict[str, Any] = pbrf_agreement(estimate, truth)
-        RunDir(run).save_metrics({**RunDir(run).metrics(), f"against:{Path(against).name}": result})
-    shown = {k: v for k, v in result.items() if not isinstance(v, list)}
-    click.echo(json.dumps(shown, indent=2))
