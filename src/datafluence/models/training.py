@@ -49,15 +49,19 @@ def train_classifier(
 ) -> tuple[nn.Module, bool]:
     """Train (Adam, cross-entropy, shuffled minibatches) or load the cached result.
 
-    Returns the model in eval mode and whether it came from the cache.
+    Returns the model in eval mode and whether it came from the cache. The initial weights
+    come from `recipe.seed` too, so the same call trains the same model on any machine,
+    whatever drew random numbers before it in the process.
     """
-    key = store.fingerprint({"name": name, "recipe": recipe.to_dict(), "data": data_key})
+    key = store.fingerprint(
+        {"name": name, "recipe": recipe.to_dict(), "data": data_key, "init": "seeded"}
+    )
     path = cache_dir() / f"{name}-{key}.safetensors"
+    torch.manual_seed(recipe.seed)
     model = make_model()
     if use_cache and path.exists():
         model.load_state_dict(load_file(path))
         return model.eval(), True
-    torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     model.train()
