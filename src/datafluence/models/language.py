@@ -64,11 +64,15 @@ def default_lm_dir(progress: bool = True) -> Path:
 
 
 def load_causal_lm(
-    path: str | os.PathLike[str] | None = None, progress: bool = True
+    path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """(model in eval mode, float32; tokenizer with a pad token) from a local directory.
 
     `None` or "smollm2-135m" gives the default model. Nothing is downloaded.
+    `attn_implementation="eager"` is what curvature-vector products (cg, lissa, arnoldi,
+    explicit) need: PyTorch's fused SDPA attention has no second derivative on CPU.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -93,8 +97,11 @@ def load_causal_lm(
             "(expected an architecture such as LlamaForCausalLM or GPT2LMHeadModel)"
         )
     try:
+        options = (
+            {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, local_files_only=True
+            directory, dtype=torch.float32, local_files_only=True, **options
         )
     except ValueError as err:
         raise ValueError(
