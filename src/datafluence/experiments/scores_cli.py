@@ -1,27 +1,45 @@
-"""`datafluence scores` and `datafluence evaluate`: any method on a reference classifier, and
-any run held against a ground-truth run. Composition only: models, data and methods come
-from the library.
+"""`datafluence scores` and `datafluence evaluate`: any method on a reference classifier or on a
+causal language model and the user's own texts, and any run held against a ground-truth run.
+Composition only: models, data and methods come from the library.
 """
 
 from __future__ import annotations
 
 import inspect
+from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import torch
+from click.core import ParameterSource
 from torch import nn
 
 from datafluence import distributed, store
 from datafluence.datasets import load_fashion_mnist, load_mnist_subset
-from datafluence.experiments._cli import cli_errors
+from datafluence.experiments._cli import cli_errors, comma_list
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
+from datafluence.scores import Scores
 from datafluence.store import RunDir
-from datafluence.tasks import ClassificationTask, Examples
+from datafluence.tasks import ClassificationTask, Examples, Task
 
 CURVATURES = ("ekfac", "kfac", "lissa", "cg", "explicit", "identity", "diagonal", "arnoldi")
-METHODS = (*CURVATURES, "tracin", "trak", "gradsim", "repsim")
+METHODS = (*CURVATURES, "tracin", "trak", "gradsim", "repsim", "tfidf")
+TEXT_METHODS = tuple(m for m in METHODS if m != "tracin")
+# Curvature-vector products differentiate twice: attention must be the eager kind.
+SECOND_ORDER = ("cg", "lissa", "arnoldi", "explicit")
+LM_BLOCKS = 2  # default --modules on a language model: the MLPs of the last LM_BLOCKS blocks
+SPURIOUS_THRESHOLD = 2 / 3
+IMAGE_OPTIONS = {
+    "data": "--data",
+    "model_name": "--model",
+    "n_train": "--train",
+    "n_queries": "--queries",
+    "epochs": "--epochs",
+    "data_dir": "--data-dir",
+}
+TEXT_ONLY_OPTIONS = {"lm": "--lm", "per_token": "--per-token", "prefilter": "--prefilter"}
 
 
 class MLP(nn.Module):
@@ -74,19 +92,214 @@ def reference_setup(
     return model, task, train, queries
 
 
-def make_method(name: str, task: ClassificationTask, model: nn.Module, damping: float | None):
+def text_setup(
+    train_file: str, query_file: str, lm: str, method_name: str
+) -> tuple[nn.Module | None, Task | None, Examples, Examples]:
+    """The user's texts, tokenized for their causal LM; tfidf reads raw texts (no model)."""
+    from datafluence.datasets.text_files import read_texts
+
+    train_items, train_ids = read_texts(train_file, "--train-file")
+    query_items, query_ids = read_texts(query_file, "--query-file")
+    if method_name == "tfidf":  # the texts are the data: no model, no tokenizer
+        return (
+            None,
+            None,
+            raw_examples(train_items, train_ids),
+            raw_examples(query_items, query_ids),
+        )
+    from datafluence.models.language import load_causal_lm
+    from datafluence.tasks import CausalLMTask
+
+    attention = "eager" if method_name in SECOND_ORDER else None
+    model, tokenizer = load_causal_lm(
+        None if lm == "default" else lm, progress=False, attn_implementation=attention
+    )
+    task = CausalLMTask(tokenizer)
+    return model, task, task.examples(train_items, train_ids), task.examples(query_items, query_ids)
+
+
+def raw_examples(items: list[Any], ids: list[str]) -> Examples:
+    """Texts as examples without tensors of their own (row numbers), for text similarity."""
+    return Examples({"row": torch.arange(len(items))}, tuple(ids), tuple(items))
+
+
+def decoder_blocks(model: nn.Module) -> list[str]:
+    """Names of a transformer's blocks: the longest ModuleList (model.layers, transformer.h)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(
+            f"cannot find the decoder blocks of {type(model).__name__} (no ModuleList); "
+            "name the layers with --modules (and --layer for repsim)"
+        )
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" for i in range(len(blocks))]
+
+
+def select_modules(model: nn.Module, spec: str | None, text: bool) -> list[str] | None:
+    """--modules as names for the methods: comma-separated names or globs; "all" (and the
+    default on a classifier) = None, every Linear/Conv layer. The default on a language model
+    is the MLP projections of its last LM_BLOCKS blocks: attributing through every projection
+    of a 135M model is slow on a CPU, and later MLPs are where Grosse et al. find most of it."""
+    from datafluence.gradients.layers import layer_kind
+
+    named = dict(model.named_modules())
+    if spec is None and text:
+        blocks = decoder_blocks(model)[-LM_BLOCKS:]
+        inside = [
+            n
+            for n, m in named.items()
+            if layer_kind(m) in ("linear", "conv1d") and any(n.startswith(f"{b}.") for b in blocks)
+        ]
+        return [n for n in inside if ".mlp." in n] or inside
+    if spec is None or spec.strip() == "all":
+        return None
+    chosen: dict[str, None] = {}
+    for item in comma_list(spec):
+        if not any(c in item for c in "*?["):
+            chosen[item] = None  # checked (with close names) by the methods' layer resolution
+            continue
+        hits = [n for n, m in named.items() if fnmatchcase(n, item) and layer_kind(m)]
+        if not hits:
+            examples = [n for n, m in named.items() if layer_kind(m)][-4:]
+            raise ValueError(
+                f"--modules pattern {item!r} matches no Linear, Conv1D, Conv2d or Embedding "
+                f"module of the model; module names look like {examples}"
+            )
+        chosen.update(dict.fromkeys(hits))
+    if not chosen:
+        raise ValueError("--modules is empty; give module names or globs, or 'all'")
+    return list(chosen)
+
+
+def default_layer(model: nn.Module, text: bool) -> str:
+    """repsim's layer: a language model's last block output, a classifier's last ReLU."""
+    if text:
+        return decoder_blocks(model)[-1]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)][-1]
+
+
+def make_method(
+    name: str,
+    task: Task | None,
+    model: nn.Module | None,
+    damping: float | None,
+    modules: list[str] | None = None,
+    layer: str | None = None,
+):
     from datafluence import methods
 
+    if name == "tfidf":
+        return methods.TextSimilarity(kind="tfidf")
+    assert task is not None and model is not None
     if name in CURVATURES:
-        return methods.InfluenceFunction(task, curvature=name, damping=damping, progress=False)
+        return methods.InfluenceFunction(
+            task, curvature=name, damping=damping, modules=modules, progress=False
+        )
     if name == "gradsim":
-        return methods.GradientSimilarity(task, kind="cosine", progress=False)
+        return methods.GradientSimilarity(task, kind="cosine", modules=modules, progress=False)
     if name == "tracin":
-        return methods.TracInCP(task, checkpoints=None, learning_rates=1.0)
+        return methods.TracInCP(task, checkpoints=None, learning_rates=1.0, modules=modules)
     if name == "trak":
-        return methods.TRAK(task, damping=damping)
-    last_hidden = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)][-1]
-    return methods.RepresentationSimilarity(task, module=last_hidden)
+        return methods.TRAK(task, damping=damping, modules=modules)
+    if layer is None:
+        raise ValueError("repsim needs --layer (a module name)")
+    return methods.RepresentationSimilarity(task, module=layer)
+
+
+def check_options(
+    ctx: click.Context,
+    method_name: str,
+    train_file: str | None,
+    query_file: str | None,
+    per_token: bool,
+    prefilter: int | None,
+) -> bool:
+    """Whether this is a text run; refuses options that do not go together, naming the fix."""
+
+    def given(names: dict[str, str]) -> list[str]:
+        return [
+            flag
+            for name, flag in names.items()
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+        ]
+
+    text = train_file is not None or query_file is not None
+    if text and (train_file is None or query_file is None):
+        raise ValueError("text data needs both --train-file and --query-file")
+    if not text:
+        if given(TEXT_ONLY_OPTIONS) or method_name == "tfidf":
+            flags = given(TEXT_ONLY_OPTIONS) or ["--method tfidf"]
+            raise ValueError(
+                f"{', '.join(flags)} work on text data only: give --train-file and --query-file "
+                "(JSON Lines or .txt), or leave them out for the reference image classifiers"
+            )
+        return False
+    mixed = given(IMAGE_OPTIONS)
+    if mixed:
+        raise ValueError(
+            f"{', '.join(mixed)} describe the reference image setup; with --train-file / "
+            "--query-file the data are your texts and the model is --lm: leave them out"
+        )
+    if method_name not in TEXT_METHODS:
+        raise ValueError(
+            f"{method_name} cannot run on text data (TracIn-CP needs training checkpoints, "
+            f"which one --lm model does not have); on text choose one of {', '.join(TEXT_METHODS)}"
+        )
+    if per_token and method_name not in CURVATURES:
+        raise ValueError(
+            f"--per-token splits influence-function scores over training tokens; use it with "
+            f"one of {', '.join(CURVATURES)}, not {method_name}"
+        )
+    if prefilter is not None:
+        if prefilter < 1:
+            raise ValueError(f"--prefilter must be at least 1 candidate per query, got {prefilter}")
+        if method_name == "tfidf":
+            raise ValueError(
+                "--prefilter narrows model-based methods to BM25 candidates; tfidf "
+                "scores every pair cheaply already: leave it out"
+            )
+        if per_token:
+            raise ValueError("--per-token and --prefilter do not combine; run them separately")
+    return True
+
+
+def check_explicit_size(model: nn.Module, modules: list[str] | None) -> None:
+    """explicit builds a P x P matrix: refuse it before any work when P is too large."""
+    from datafluence.curvature.explicit import MAX_DIM
+    from datafluence.gradients.space import ParamSpace
+
+    dim = ParamSpace.of(model, modules).dim
+    if dim > MAX_DIM:
+        raise ValueError(
+            f"explicit needs the {dim:,} x {dim:,} curvature matrix of the chosen modules (at "
+            f"most {MAX_DIM:,} parameters); on a language model use ekfac, kfac, cg, lissa or "
+            "arnoldi, or name a few small layers with --modules"
+        )
+
+
+def spurious_summary(result: Scores, top: int = 10) -> dict[str, Any]:
+    """The share of (train, query) pairs whose influence sits on one or two tokens, and the
+    `top` such pairs by |score| (the ones a reader would otherwise take at face value)."""
+    from datafluence.metrics import spurious_sequences
+
+    ratio, flags = spurious_sequences(result, SPURIOUS_THRESHOLD)
+    values = np.asarray(result.values, dtype=np.float64)
+    pairs = np.argwhere(flags)
+    order = np.argsort(-np.abs(values[flags]), kind="stable")[:top]
+    return {
+        "threshold": SPURIOUS_THRESHOLD,
+        "share_flagged": float(flags.mean()),
+        "n_flagged": int(flags.sum()),
+        "top_flagged": [
+            {
+                "train": result.train_ids[i],
+                "query": result.query_ids[j],
+                "score": float(values[i, j]),
+                "ratio": float(ratio[i, j]),
+            }
+            for i, j in pairs[order].tolist()
+        ],
+    }
 
 
 def _takes_run(function: Any) -> bool:
@@ -112,6 +325,45 @@ def _takes_run(function: Any) -> bool:
     "--epochs", default=5, show_default=True, help="Epochs of the reference model (cached)."
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--train-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help='Training texts: JSON Lines ({"text": ...} or {"prompt": ..., "completion": ...}, '
+    'optional "id") or .txt (one per line). Replaces the image setup.',
+)
+@click.option("--query-file", type=click.Path(dir_okay=False), default=None, help="Query texts.")
+@click.option(
+    "--lm",
+    default="default",
+    show_default=True,
+    help="Local Hugging Face causal-LM directory, or 'default' (bundled SmolLM2-135M).",
+)
+@click.option(
+    "--modules",
+    "modules_spec",
+    default=None,
+    help="Layers to attribute through: comma-separated names or globs "
+    "('model.layers.*.mlp.*'), or 'all'. Default: every layer of a classifier; the MLP "
+    f"projections of a language model's last {LM_BLOCKS} blocks.",
+)
+@click.option(
+    "--layer",
+    default=None,
+    help="repsim: module whose output is compared (default: a language model's last block, "
+    "a classifier's last ReLU).",
+)
+@click.option(
+    "--per-token",
+    is_flag=True,
+    help="Text, influence methods: per-token parts and spurious-sequence flags (metrics.json).",
+)
+@click.option(
+    "--prefilter",
+    type=int,
+    default=None,
+    help="Text: score only each query's top-K BM25 candidates (the rest NaN).",
+)
 @click.option("--overwrite", is_flag=True, help="Discard a run made with other settings.")
 def scores_command(
     method_name: str,
@@ -123,46 +375,90 @@ def scores_command(
     damping: float | None,
     epochs: int,
     data_dir: str | None,
+    train_file: str | None,
+    query_file: str | None,
+    lm: str,
+    modules_spec: str | None,
+    layer: str | None,
+    per_token: bool,
+    prefilter: int | None,
     overwrite: bool,
 ) -> None:
-    """Attribution scores of one method on a reference classifier, into a run directory.
+    """Attribution scores of one method into a run directory: on a reference classifier, or
+    on a causal language model (--lm) and your texts (--train-file, --query-file).
 
     Under `torchrun --nproc_per_node N` the training rows are shared out across the N
     processes; the result equals a single process's.
     """
     with cli_errors():
+        text = check_options(
+            click.get_current_context(), method_name, train_file, query_file, per_token, prefilter
+        )
         distributed.init_from_env()
-        with distributed.main_first():  # rank 0 trains and caches the model, the others load it
-            model, task, train, queries = reference_setup(
-                data, model_name, n_train, n_queries, data_dir, epochs
+        with distributed.main_first():  # rank 0 trains/converts and caches, the others load
+            if text:
+                assert train_file is not None and query_file is not None
+                model, task, train, queries = text_setup(train_file, query_file, lm, method_name)
+            else:
+                model, task, train, queries = reference_setup(
+                    data, model_name, n_train, n_queries, data_dir, epochs
+                )
+        modules = None if model is None else select_modules(model, modules_spec, text)
+        layer_given = layer is not None
+        if method_name == "repsim" and model is not None:
+            layer = layer or default_layer(model, text)
+        if method_name == "explicit" and text and model is not None:
+            check_explicit_size(model, modules)
+        method = make_method(method_name, task, model, damping, modules, layer)
+        settings: dict[str, Any] = {"command": "scores", "method": method_name}
+        meta: dict[str, Any] = {"method": method_name}
+        if text:
+            settings["texts"] = store.fingerprint(
+                [train.ids, train.items, queries.ids, queries.items]
             )
-        method = make_method(method_name, task, model, damping)
-        settings = {
-            "command": "scores",
-            "method": method_name,
-            "data": data,
-            "model": model_name,
-            "n_train": n_train,
-            "n_queries": n_queries,
-            "damping": damping,
-            "epochs": epochs,
-        }
-        run = RunDir(out).open(settings, overwrite=overwrite, method=method_name)
+            if model is not None:
+                settings["lm"] = lm if lm == "default" else str(Path(lm).resolve())
+            meta.update(train_file=str(train_file), query_file=str(query_file))
+        else:
+            settings.update(
+                data=data, model=model_name, n_train=n_train, n_queries=n_queries, epochs=epochs
+            )
+        settings["damping"] = damping
+        if modules_spec is not None or (text and model is not None):
+            settings["modules"] = modules
+        if method_name == "repsim" and (text or layer_given):
+            settings["layer"] = layer
+        if prefilter is not None:
+            settings["prefilter"] = prefilter
+        if per_token:
+            settings["per_token"] = True
+        run = RunDir(out).open(settings, overwrite=overwrite, **meta)
         if hasattr(method, "fit"):
             if _takes_run(method.fit):  # factors saved in the run: reused when resuming
                 with distributed.main_first():  # rank 0 fits and saves, the others load
                     method.fit(model, train, run=run)
             else:
                 method.fit(model, train)
-        extra = {"run": run} if _takes_run(method.score) else {}
-        result = method.score(model, train, queries, **extra)
+        if per_token:
+            result = method.token_scores(model, train, queries, run=run)
+        elif prefilter is not None:
+            from datafluence.methods import prefiltered
+
+            result = prefiltered(method, model, train, queries, k=prefilter, run=run)
+        else:
+            extra = {"run": run} if _takes_run(method.score) else {}
+            result = method.score(model, train, queries, **extra)
         if not distributed.is_main():
             return  # every rank holds the same result; rank 0 alone writes and reports it
         result.save(run.path)
+        if per_token:
+            run.save_metrics({**run.metrics(), "spurious_sequences": spurious_summary(result)})
         run.drop_partitions()
         run.update_meta(status="done")
     values = np.asarray(result.values)
+    computed = values[np.isfinite(values)]
     click.echo(
         f"{method_name}: {result.shape[0]} train x {result.shape[1]} queries -> {out}/scores.npy "
-        f"(mean {values.mean():.4g}, max |s| {np.abs(values).max():.4g})"
+        f"(mean {computed.mean():.4g}, max |s| {np.abs(computed).max():.4g}"
+        + (f", {computed.size} of {values.size} computed)" if computed.size < values.size else ")")
     )
