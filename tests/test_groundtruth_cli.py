@@ -125,6 +125,9 @@ def test_exact_answers_score_one_and_reversed_scores_flip(cache, estimates):
     assert against_loo[str(cache / "negated")]["pearson"] == pytest.approx(
         -against_loo[str(identity)]["pearson"]
     )
+    shown = CliRunner().invoke(main, ["show", str(lds)])  # masks, not scores: still described
+    assert shown.exit_code == 0 and "6 retrained subsets" in shown.output
+    assert "none yet" not in shown.output
 
 
 def test_mismatched_examples_name_the_fix(cache):

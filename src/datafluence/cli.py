@@ -70,7 +70,8 @@ def show(run: str, query: str | None, k: int) -> None:
     try:
         scores = Scores.load(run, mmap=True)
     except FileNotFoundError:
-        click.echo("scores     (none yet: the run is unfinished; re-run its command to resume)")
+        if not _show_subsets(run):
+            click.echo("scores     (none yet: the run is unfinished; re-run its command to resume)")
         return
     values = np.asarray(scores.values)
     click.echo(
@@ -91,6 +92,25 @@ def show(run: str, query: str | None, k: int) -> None:
             raise click.ClickException(str(err)) from err
         click.echo(f"top {k} training examples for query {top['query'].iloc[0]!r}")
         click.echo(_indent(top[["rank", "train", "score"]].to_string(index=False)))
+
+
+def _show_subsets(run: str) -> bool:
+    """A subset-retraining ground truth (LDS) holds masks and measurements, not scores."""
+    from datafluence.groundtruth import SubsetRetraining
+
+    try:
+        truth = SubsetRetraining.load(run)
+    except FileNotFoundError:
+        return False
+    values = truth.measurements
+    click.echo(
+        f"subsets    {truth.n_subsets} retrained subsets (α = {truth.alpha}, seeds "
+        f"{list(truth.seeds)}) of {len(truth.train_ids)} training examples x "
+        f"{len(truth.query_ids)} queries; measurements mean {values.mean():.4g}, "
+        f"min {values.min():.4g}, max {values.max():.4g}"
+    )
+    click.echo("           (an LDS ground truth: `datafluence evaluate RUN --against` this run)")
+    return True
 
 
 def _indent(text: str) -> str:
