@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from datafluence.cli import main
 from datafluence.experiments.mislabel_detection import (
     METHODS,
     MislabelConfig,
+    _build,
+    _split,
     curve_at,
     detection_curve,
     flip_labels,
 )
 from datafluence.methods import TracInCP
+from datafluence.models import TrainRecipe, train_classifier
 
 # 30 % of 150 digits flipped, 10 epochs: a setting where a wrong self-score cannot pass
 TINY = [
@@ -72,6 +76,27 @@ def test_rerun_resumes_and_other_settings_are_refused(finished) -> None:
     )
     assert refused.exit_code != 0
     assert "other settings" in refused.output and "flip_fraction" in refused.output
+
+
+def test_checkpoints_are_one_run_and_equal_the_shorter_trainings(finished) -> None:
+    """The saved epoch-e weights (one training run) are exactly a run stopped after e epochs
+    (the e separate trainings the experiment used to do), so its numbers are unchanged."""
+    out, _ = finished
+    config = MislabelConfig(
+        n_train=150, n_test=50, flip_fraction=0.3, hidden=128,
+        train=TrainRecipe(epochs=10, batch_size=32), trak_dim=64,
+    )  # fmt: skip  # = TINY
+    train_set, _ = _split(config, None)
+    labels, _ = flip_labels(train_set.labels, 0.3, 10, config.seed)
+    for epoch in (1, 4, 10):
+        recipe = TrainRecipe(epochs=epoch, batch_size=32)
+        model, _ = train_classifier(
+            lambda: _build(config), train_set.images, labels, recipe, "m", "", False, False
+        )
+        saved = load_file(out / "checkpoints" / f"epoch_{epoch:03d}.safetensors")
+        assert saved.keys() == model.state_dict().keys()
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
 
 
 def test_flip_labels_moves_exactly_the_flagged_labels_to_another_class() -> None:

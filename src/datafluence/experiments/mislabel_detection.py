@@ -46,7 +46,8 @@ from datafluence.experiments._cli import cli_errors, comma_list  # noqa: E402
 from datafluence.experiments.scores_cli import MLP  # noqa: E402
 from datafluence.gradients.capture import chunks  # noqa: E402
 from datafluence.metrics.attribution import mislabel_auc  # noqa: E402
-from datafluence.models import SmallCNN, TrainRecipe, evaluate_accuracy, train_classifier  # noqa: E402
+from datafluence.models import SmallCNN, TrainRecipe, evaluate_accuracy  # noqa: E402
+from datafluence.models.training import train_classifier_checkpoints  # noqa: E402
 from datafluence.report.figures import _save as save_figure  # noqa: E402
 from datafluence.store import RunDir  # noqa: E402
 from datafluence.tasks import ClassificationTask, Examples  # noqa: E402
@@ -334,33 +335,28 @@ def _train_checkpoints(
     labels: torch.Tensor,
     progress: bool,
 ) -> list[Path]:
-    """The weights after every epoch, for TracIn-CP; the last one is the model scored.
-
-    Training is deterministic (seeded init, seeded shuffles), so the run stopped after e
-    epochs is exactly the first e epochs of the full run: epoch e's checkpoint is
-    train_classifier with epochs=e.
+    """The weights after every epoch of one training run, for TracIn-CP; the last one is the
+    model scored. Kept in the run directory (not the shared cache: the labels are corrupted
+    and the run should carry its own model), so a resumed run reuses them.
     """
-    paths = []
-    for epoch in range(1, config.train.epochs + 1):
-        path = rundir.path / "checkpoints" / f"epoch_{epoch:03d}.safetensors"
-        paths.append(path)
-        if path.exists():
-            continue
-        recipe = TrainRecipe(**{**config.train.to_dict(), "epochs": epoch})
-        model, _ = train_classifier(
-            lambda: _build(config),
-            images,
-            labels,
-            recipe,
-            name="mislabel",
-            data_key="",
-            use_cache=False,
-            progress=progress,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    folder = rundir.path / "checkpoints"
+    paths = [folder / f"epoch_{e:03d}.safetensors" for e in range(1, config.train.epochs + 1)]
+    if all(p.exists() for p in paths):
+        return paths
+    _, states, _ = train_classifier_checkpoints(
+        lambda: _build(config),
+        images,
+        labels,
+        config.train,
+        name="mislabel",
+        data_key="",
+        use_cache=False,
+        progress=progress,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for state, path in zip(states, paths, strict=True):
         with store.atomic_path(path) as tmp:
-            save_file(state, str(tmp))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return paths
 
 
