@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from datafluence.cli import main
+from datafluence.experiments.scores_cli import make_method, reference
+from datafluence.methods import TracInCP
 from datafluence.scores import Scores
 
 
@@ -50,3 +52,34 @@ def test_scores_refuses_other_settings(cache):
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     unknown = CliRunner().invoke(main, ["scores", "--method", "magic", "--out", str(run)])
     assert unknown.exit_code != 0 and "ekfac" in unknown.output
+
+
+def test_tracin_is_tracin_cp_over_the_reference_runs_epochs(cache):
+    """--method tracin sums lr x gradient dots over the reference model's epoch checkpoints."""
+    run, identity, identity_1 = cache / "tracin", cache / "identity", cache / "identity-1"
+    result = scores(run, "tracin", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert scores(identity, "identity", "--epochs", "2").exit_code == 0
+    got = Scores.load(run)
+    settings = json.loads((run / "meta.json").read_text())["settings"]
+    assert settings["checkpoints"] == {
+        "count": 2, "epochs": [1, 2], "learning_rate": 1e-3, "optimizer": "adam"
+    }  # fmt: skip
+    assert len(got.settings["checkpoint_fingerprints"]) == 2
+
+    ref = reference("mnist-subset", "mlp", 60, 5, None, 2, checkpoints=True)
+    assert ref.checkpoints is not None and len(ref.checkpoints) == 2
+    expected = TracInCP(ref.task, ref.checkpoints, ref.recipe.lr).score(
+        ref.model, ref.train, ref.queries
+    )
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-5, atol=1e-9)
+    # Ground truth: lr x (gradient dots of the 1-epoch model + those of the 2-epoch model),
+    # i.e. influence with identity curvature on reference models trained that long.
+    assert scores(identity_1, "identity").exit_code == 0  # --epochs 1
+    dots_1, dots_2 = Scores.load(identity_1).values, Scores.load(identity).values
+    scale = np.abs(got.values).max()
+    np.testing.assert_allclose(got.values, 1e-3 * (dots_1 + dots_2), rtol=1e-4, atol=1e-5 * scale)
+    # not the final model's gradient dot product alone: the first epoch counts
+    assert np.abs(got.values - 2e-3 * dots_2).max() > 0.01 * scale
+    with pytest.raises(ValueError, match="checkpoints"):
+        make_method("tracin", ref.task, ref.model, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
@@ -20,6 +20,7 @@ from datafluence import distributed, store
 from datafluence.datasets import load_fashion_mnist, load_mnist_subset
 from datafluence.experiments._cli import cli_errors, comma_list
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
+from datafluence.models.training import State, train_classifier_checkpoints
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import ClassificationTask, Examples, Task
@@ -60,10 +61,31 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def reference_setup(
-    data: str, model_name: str, n_train: int, n_queries: int, data_dir: str | None, epochs: int
-) -> tuple[nn.Module, ClassificationTask, Examples, Examples]:
-    """A classifier trained (and cached) on the first n_train examples, and the queries."""
+class Reference(NamedTuple):
+    """The reference classifier, its data, and (when asked) its training run's checkpoints."""
+
+    model: nn.Module
+    task: ClassificationTask
+    train: Examples
+    queries: Examples
+    recipe: TrainRecipe
+    checkpoints: list[State] | None  # the weights after every epoch; the last = `model`'s
+
+
+def reference(
+    data: str,
+    model_name: str,
+    n_train: int,
+    n_queries: int,
+    data_dir: str | None,
+    epochs: int,
+    checkpoints: bool = False,
+) -> Reference:
+    """A classifier trained (and cached) on the first n_train examples, and the queries.
+
+    With `checkpoints`, the same training run also keeps (and caches) its per-epoch weights,
+    for TracIn-CP; the final model is the same either way.
+    """
     if data == "mnist-subset":
         images = load_mnist_subset()
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -76,20 +98,33 @@ def reference_setup(
         raise ValueError(
             f"{data} has too few examples for {n_train} training and {n_queries} query examples"
         )
-    make = SmallCNN if model_name == "cnn" else MLP
-    model, _ = train_classifier(
-        make,
-        train_set.images,
-        train_set.labels,
-        TrainRecipe(epochs=epochs),
-        name=f"{model_name}-{data}",
-        data_key=store.tensors_fingerprint({"x": train_set.images, "y": train_set.labels}),
-        progress=False,
-    )
+    recipe = TrainRecipe(epochs=epochs)
+    training = {
+        "make_model": SmallCNN if model_name == "cnn" else MLP,
+        "images": train_set.images,
+        "labels": train_set.labels,
+        "recipe": recipe,
+        "name": f"{model_name}-{data}",
+        "data_key": store.tensors_fingerprint({"x": train_set.images, "y": train_set.labels}),
+        "progress": False,
+    }
+    states = None
+    if checkpoints:
+        model, states, _ = train_classifier_checkpoints(**training)
+    else:
+        model, _ = train_classifier(**training)
     task = ClassificationTask(num_classes=10)
     train = task.examples(train_set.images, train_set.labels, train_set.ids)
     queries = task.examples(query_set.images, query_set.labels, query_set.ids)
-    return model, task, train, queries
+    return Reference(model, task, train, queries, recipe, states)
+
+
+def reference_setup(
+    data: str, model_name: str, n_train: int, n_queries: int, data_dir: str | None, epochs: int
+) -> tuple[nn.Module, ClassificationTask, Examples, Examples]:
+    """`reference` without checkpoints: model, task, training examples, queries."""
+    ref = reference(data, model_name, n_train, n_queries, data_dir, epochs)
+    return ref.model, ref.task, ref.train, ref.queries
 
 
 def text_setup(
@@ -185,7 +220,11 @@ def make_method(
     damping: float | None,
     modules: list[str] | None = None,
     layer: str | None = None,
+    checkpoints: list[State] | None = None,
+    learning_rate: float | None = None,
 ):
+    """The method behind a --method name. tracin needs the reference run's `checkpoints` and
+    its `learning_rate` (one per epoch, as Pruthi et al. weight SGD checkpoints)."""
     from datafluence import methods
 
     if name == "tfidf":
@@ -198,7 +237,12 @@ def make_method(
     if name == "gradsim":
         return methods.GradientSimilarity(task, kind="cosine", modules=modules, progress=False)
     if name == "tracin":
-        return methods.TracInCP(task, checkpoints=None, learning_rates=1.0, modules=modules)
+        if checkpoints is None or learning_rate is None:
+            raise ValueError(
+                "tracin needs the reference model's epoch checkpoints and training learning "
+                "rate (reference(..., checkpoints=True))"
+            )
+        return methods.TracInCP(task, checkpoints, learning_rate, modules=modules)
     if name == "trak":
         return methods.TRAK(task, damping=damping, modules=modules)
     if layer is None:
@@ -322,7 +366,12 @@ def _takes_run(function: Any) -> bool:
 @click.option("--queries", "n_queries", default=50, show_default=True, help="Query examples.")
 @click.option("--damping", type=float, default=None, help="Curvature damping (default per method).")
 @click.option(
-    "--epochs", default=5, show_default=True, help="Epochs of the reference model (cached)."
+    "--epochs",
+    default=5,
+    show_default=True,
+    help="Epochs of the reference model (cached). tracin is TracIn-CP over its checkpoint "
+    "after every epoch, each weighted by the Adam learning rate (1e-3): Pruthi et al.'s SGD "
+    "weighting, an approximation under Adam.",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option(
@@ -395,21 +444,25 @@ def scores_command(
             click.get_current_context(), method_name, train_file, query_file, per_token, prefilter
         )
         distributed.init_from_env()
+        tracin: dict[str, Any] = {}  # the reference run's checkpoints and lr, for TracIn-CP
         with distributed.main_first():  # rank 0 trains/converts and caches, the others load
             if text:
                 assert train_file is not None and query_file is not None
                 model, task, train, queries = text_setup(train_file, query_file, lm, method_name)
             else:
-                model, task, train, queries = reference_setup(
-                    data, model_name, n_train, n_queries, data_dir, epochs
+                ref = reference(
+                    data, model_name, n_train, n_queries, data_dir, epochs, method_name == "tracin"
                 )
+                model, task, train, queries = ref.model, ref.task, ref.train, ref.queries
+                if method_name == "tracin":
+                    tracin = {"checkpoints": ref.checkpoints, "learning_rate": ref.recipe.lr}
         modules = None if model is None else select_modules(model, modules_spec, text)
         layer_given = layer is not None
         if method_name == "repsim" and model is not None:
             layer = layer or default_layer(model, text)
         if method_name == "explicit" and text and model is not None:
             check_explicit_size(model, modules)
-        method = make_method(method_name, task, model, damping, modules, layer)
+        method = make_method(method_name, task, model, damping, modules, layer, **tracin)
         settings: dict[str, Any] = {"command": "scores", "method": method_name}
         meta: dict[str, Any] = {"method": method_name}
         if text:
@@ -423,6 +476,13 @@ def scores_command(
             settings.update(
                 data=data, model=model_name, n_train=n_train, n_queries=n_queries, epochs=epochs
             )
+            if tracin:  # TracIn-CP over the reference run's epochs
+                settings["checkpoints"] = {
+                    "count": len(tracin["checkpoints"]),
+                    "epochs": list(range(1, epochs + 1)),
+                    "learning_rate": tracin["learning_rate"],
+                    "optimizer": "adam",
+                }
         settings["damping"] = damping
         if modules_spec is not None or (text and model is not None):
             settings["modules"] = modules
