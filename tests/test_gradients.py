@@ -114,6 +114,10 @@ def test_module_selection_by_name_type_and_container():
     assert ParamSpace.of(model, ["head", nn.Conv2d]).names == ["conv", "same", "head"]
     wrapped = nn.Sequential(ConvNet())
     assert ParamSpace.of(wrapped, "0").names == ["0.conv", "0.same", "0.head"]
+    assert ParamSpace.of(wrapped, "0.*").names == ["0.conv", "0.same", "0.head"]
+    assert ParamSpace.of(wrapped, ["0.h*", "*.same"]).names == ["0.same", "0.head"]
+    with pytest.raises(ValueError, match=r"pattern '\*\.mlp\.\*' matches no supported"):
+        ParamSpace.of(wrapped, "*.mlp.*")
 
 
 def test_module_selection_errors_name_the_fix():

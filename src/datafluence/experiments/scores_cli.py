@@ -6,7 +6,6 @@ Composition only: models, data and methods come from the library.
 from __future__ import annotations
 
 import inspect
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -175,7 +174,7 @@ def select_modules(model: nn.Module, spec: str | None, text: bool) -> list[str] 
     default on a classifier) = None, every Linear/Conv layer. The default on a language model
     is the MLP projections of its last LM_BLOCKS blocks: attributing through every projection
     of a 135M model is slow on a CPU, and later MLPs are where Grosse et al. find most of it."""
-    from datafluence.gradients.layers import layer_kind
+    from datafluence.gradients.layers import layer_kind, resolve_layers
 
     named = dict(model.named_modules())
     if spec is None and text:
@@ -188,22 +187,11 @@ def select_modules(model: nn.Module, spec: str | None, text: bool) -> list[str] 
         return [n for n in inside if ".mlp." in n] or inside
     if spec is None or spec.strip() == "all":
         return None
-    chosen: dict[str, None] = {}
-    for item in comma_list(spec):
-        if not any(c in item for c in "*?["):
-            chosen[item] = None  # checked (with close names) by the methods' layer resolution
-            continue
-        hits = [n for n, m in named.items() if fnmatchcase(n, item) and layer_kind(m)]
-        if not hits:
-            examples = [n for n, m in named.items() if layer_kind(m)][-4:]
-            raise ValueError(
-                f"--modules pattern {item!r} matches no Linear, Conv1D, Conv2d or Embedding "
-                f"module of the model; module names look like {examples}"
-            )
-        chosen.update(dict.fromkeys(hits))
+    chosen = comma_list(spec)
     if not chosen:
         raise ValueError("--modules is empty; give module names or globs, or 'all'")
-    return list(chosen)
+    # names and globs are resolved (and checked, with close names) by the methods' layers
+    return [layer.name for layer in resolve_layers(model, chosen)]
 
 
 def default_layer(model: nn.Module, text: bool) -> str:

@@ -10,6 +10,7 @@ receive no gradient (padding_idx).
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -233,7 +234,8 @@ def resolve_layers(
     are shared across the batch), and so are tied weights (a language model's input embedding
     and output head) and layers used through their weights inside nn.MultiheadAttention;
     name them (or their type) to include them. A name picks that module, or every supported
-    module inside it when it is a container; a type picks every module of that type.
+    module inside it when it is a container; a glob ("model.layers.*.mlp.*") picks every
+    supported module whose name matches; a type picks every module of that type.
     """
     named = dict(model.named_modules())
     tied = _tied(model)
@@ -271,6 +273,16 @@ def resolve_layers(
                         f"gradients cover {SUPPORTED}"
                     )
                 chosen_set[n] = None
+            continue
+        if any(c in spec for c in "*?["):  # a glob over module names, e.g. "model.layers.*.mlp.*"
+            hits = [n for n, m in named.items() if fnmatch.fnmatchcase(n, spec) and layer_kind(m)]
+            if not hits:
+                examples = [n for n, m in named.items() if layer_kind(m)][-4:]
+                raise ValueError(
+                    f"the pattern {spec!r} matches no supported module ({SUPPORTED}); module "
+                    f"names look like {examples}"
+                )
+            chosen_set.update(dict.fromkeys(hits))
             continue
         if spec not in named:
             close = [n for n in named if n and (spec in n or n in spec)][:8]
