@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -224,9 +225,19 @@ def gram64(rows: Tensor, slice_rows: int = 8192) -> Tensor:
     return total
 
 
-def resolve_layers(
-    model: nn.Module, modules: str | type | Iterable[str | type] | None = None
-) -> list[Layer]:
+Modules = str | type | Iterable[str | type] | None
+
+
+def modules_setting(modules: Modules) -> Any:
+    """A `modules` choice as JSON for a method's settings: names (and globs) as given, types
+    by qualified name."""
+    if modules is None:
+        return None
+    items = [modules] if isinstance(modules, str | type) else list(modules)
+    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]
+
+
+def resolve_layers(model: nn.Module, modules: Modules = None) -> list[Layer]:
     """The supported modules chosen by name or type, in model order.
 
     None selects every Linear, Conv2d and Conv1D module that owns its weights. Embeddings

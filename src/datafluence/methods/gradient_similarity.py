@@ -25,6 +25,7 @@ from datafluence.gradients.capture import (
     gradient_factors,
 )
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, squared_norms
+from datafluence.gradients.layers import modules_setting
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
@@ -72,15 +73,9 @@ class GradientSimilarity:
         self.progress = progress
 
     def settings(self) -> dict[str, Any]:
-        modules = self.modules
-        if modules is not None:
-            items = [modules] if isinstance(modules, str | type) else list(modules)
-            modules = [
-                m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items
-            ]
         return {
             "kind": self.kind,
-            "modules": modules,
+            "modules": modules_setting(self.modules),
             "projection": None if self.projector is None else self.projector.settings(),
             **self.task.settings(),
         }

@@ -21,7 +21,7 @@ on the query side, so every score splits exactly into per-token terms −Σ_laye
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,12 @@ from datafluence.gradients.dots import (
     layer_token_dots,
     low_rank,
 )
+from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
-
-Modules = str | type | Iterable[str | type] | None
 
 
 class InfluenceFunction:
@@ -372,14 +371,6 @@ def as_run(run: RunDir | str | Path | None) -> RunDir | None:
     if run is None or isinstance(run, RunDir):
         return run
     return RunDir(run)
-
-
-def modules_setting(modules: Modules) -> Any:
-    """Module choice as JSON: names as given, types by qualified name."""
-    if modules is None:
-        return None
-    items = [modules] if isinstance(modules, str | type) else list(modules)
-    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]
 
 
 def token_width(train: Examples) -> int:

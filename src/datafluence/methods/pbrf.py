@@ -41,7 +41,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,12 @@ from tqdm.auto import tqdm
 from datafluence import store
 from datafluence.curvature.fisher import loss_from_outputs
 from datafluence.gradients.capture import batch_size_of, check_devices, data_fingerprint
+from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.space import ParamSpace
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task, eval_mode
 
-Modules = str | type | Iterable[str | type] | None
 Rows = Sequence[int | str] | np.ndarray | None
 Preconditioner = Any  # a fitted Curvature, an object with .solve(blocks), or blocks -> blocks
 
@@ -148,7 +148,7 @@ class PBRF:
             "damping": self.damping,
             "epsilon": self.epsilon,
             "symmetric": self.symmetric,
-            "modules": _modules_setting(self.modules),
+            "modules": modules_setting(self.modules),
             "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "rtol": self.rtol,
             "max_iter": self.max_iter,
@@ -596,10 +596,3 @@ def _cast(examples: Examples, dtype: torch.dtype) -> Examples:
     """Floating tensors to the working dtype (labels and token ids unchanged)."""
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in examples.tensors.items()}
     return Examples(tensors, examples.ids, examples.items)
-
-
-def _modules_setting(modules: Modules) -> Any:
-    if modules is None:
-        return None
-    items = [modules] if isinstance(modules, str | type) else list(modules)
-    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]

@@ -16,7 +16,7 @@ the model's own weights are put back afterwards.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from datafluence import store
 from datafluence.gradients.capture import all_factors, check_devices, chunks, gradient_factors
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
+from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
@@ -39,8 +40,6 @@ from datafluence.models.checkpoints import (
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
-
-Modules = str | type | Iterable[str | type] | None
 
 
 class TracInCP:
@@ -92,7 +91,7 @@ class TracInCP:
         return {
             "checkpoints": [describe_checkpoint(c) for c in self.checkpoints],
             "learning_rates": self.learning_rates,
-            "modules": _modules_setting(self.modules),
+            "modules": modules_setting(self.modules),
             "projection": None if self.projector is None else self.projector.settings(),
             **self.task.settings(),
         }
@@ -235,10 +234,3 @@ class TracInCP:
         if factors_are_cheaper(layer, a.shape[1]):
             return QueryBlock(factors=(a, g))
         return QueryBlock(dense=layer.per_example(a, g))
-
-
-def _modules_setting(modules: Modules) -> Any:
-    if modules is None:
-        return None
-    items = [modules] if isinstance(modules, str | type) else list(modules)
-    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items]

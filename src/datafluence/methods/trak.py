@@ -31,7 +31,7 @@ train x query matrix never sits in memory at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from datafluence.gradients.capture import (
     data_fingerprint,
     gradient_factors,
 )
+from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
@@ -59,7 +60,6 @@ from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, ClassificationTask, Examples, Task
 
-Modules = str | type | Iterable[str | type] | None
 RELATIVE_DAMPING = 1e-3
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
@@ -182,19 +182,13 @@ class TRAK:
         self._fitted: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
-        modules = self.modules
-        if modules is not None:
-            items = [modules] if isinstance(modules, str | type) else list(modules)
-            modules = [
-                m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in items
-            ]
         return {
             "checkpoints": [describe_checkpoint(c) for c in self.checkpoints],
             "projection": None if self.projector is None else self.projector.settings(),
             "damping": self.damping
             if self.damping is not None
             else f"{RELATIVE_DAMPING} x mean eig",
-            "modules": modules,
+            "modules": modules_setting(self.modules),
             "output": "margin log(p/(1-p))",
             "out_to_loss": "1 - p",
             "ensemble": "mean kernel term x mean Q",
