@@ -12,8 +12,7 @@ import torch
 from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tiny_lm import bpe_tokenizer, tiny_llama  # noqa: E402
 
 from datafluence.cli import main  # noqa: E402
 from datafluence.scores import Scores  # noqa: E402
@@ -59,32 +58,17 @@ def _one_thread():
 def lm_dir(tmp_path_factory):
     """A randomly initialised 3-block Llama and a small BPE tokenizer, saved like any HF model."""
     corpus = [" ".join(text_of(r) for r in TRAIN + QUERIES)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<bos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus * 5, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    tokenizer = bpe_tokenizer(corpus * 5, vocab_size=300)
+    model = tiny_llama(
+        tokenizer,
         num_hidden_layers=3,
         hidden_size=16,
         intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
         max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
     )
     folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

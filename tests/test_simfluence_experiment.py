@@ -156,40 +156,23 @@ def test_config_checks_and_lm_defaults(tmp_path) -> None:
 
 def test_language_model_path_runs_on_a_tiny_local_llama(tmp_path) -> None:
     """LoRA on a causal LM from a local folder, texts from a file with domains."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_lm import bpe_tokenizer, tiny_llama
 
     lines = [f"a\tthe wug number {i} is a blicket." for i in range(8)]
     lines += [f"b\tfrogs of type {i} sleep in the mud." for i in range(8)]
     (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<bos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([line.split("\t")[1] for line in lines] * 3, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>"
-    )
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    tokenizer = bpe_tokenizer([line.split("\t")[1] for line in lines] * 3, vocab_size=300)
+    model = tiny_llama(
+        tokenizer,
         num_hidden_layers=1,
         hidden_size=16,
         intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
         max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.bos_token_id,
     )
     folder = tmp_path / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
     lm = SimfluenceConfig.for_lm(

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tiny_lm import bpe_tokenizer, tiny_llama  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -52,16 +51,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<bos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>")
+    return bpe_tokenizer(CORPUS * 5, vocab_size=320)
 
 
 def gpt2(tokenizer, dtype=torch.float32) -> GPT2LMHeadModel:
@@ -81,21 +71,14 @@ def gpt2(tokenizer, dtype=torch.float32) -> GPT2LMHeadModel:
 
 
 def llama(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_llama(
+        tokenizer,
         num_hidden_layers=1,
         hidden_size=16,
         intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
         max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def check_sums(tokens: Scores, reference: Scores) -> None:
