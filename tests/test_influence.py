@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 import torch
+from tiny_lm import CharTokenizer
 from torch import Tensor, nn
 
 from datafluence.curvature import FactorMismatchError
@@ -285,19 +286,6 @@ def test_identity_and_matrix_free_strategies_store_in_a_run(tmp_path):
             model, train, queries, run=run
         )
         np.testing.assert_allclose(again.values, first.values, rtol=1e-6)
-
-
-class CharTokenizer:
-    """One token per character; 0 = pad, 1 = start."""
-
-    pad_token_id, bos_token_id, eos_token_id, name_or_path = 0, 1, 1, "chars"
-    alphabet = "abcdefgh "
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [2 + self.alphabet.index(c) for c in text]}
-
-    def __len__(self) -> int:
-        return 2 + len(self.alphabet)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_lm import CharTokenizer
 from torch import nn
 
 from datafluence.methods.representation_similarity import RepresentationSimilarity
@@ -70,19 +71,6 @@ def test_bad_inputs(make_model, make_examples, task):
         RepresentationSimilarity(task, "head", kind="l2")
     with pytest.raises(ValueError, match="unknown pooling"):
         RepresentationSimilarity(task, "head", pooling="max")
-
-
-class CharTokenizer:
-    """One token per character; 0 = pad, 1 = start."""
-
-    pad_token_id, bos_token_id, eos_token_id, name_or_path = 0, 1, 1, "chars"
-    alphabet = "abcdefgh "
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [2 + self.alphabet.index(c) for c in text]}
-
-    def __len__(self) -> int:
-        return 2 + len(self.alphabet)
 
 
 def test_language_model_pooling_ignores_padding():

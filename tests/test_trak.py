@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_lm import CharTokenizer
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -144,19 +145,6 @@ def test_bad_inputs():
         TRAK(ClassificationTask(), None, damping=-1.0)
     with pytest.raises(TypeError, match="no output function"):
         output_function(object(), None, {})  # type: ignore[arg-type]
-
-
-class CharTokenizer:
-    """One token per character; 0 = pad, 1 = start."""
-
-    pad_token_id, bos_token_id, eos_token_id, name_or_path = 0, 1, 1, "chars"
-    alphabet = "abcdefgh "
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [2 + self.alphabet.index(c) for c in text]}
-
-    def __len__(self) -> int:
-        return 2 + len(self.alphabet)
 
 
 def test_language_model_output_is_the_summed_token_margin():
