@@ -29,6 +29,7 @@ from datafluence.methods.representation_similarity import RepresentationSimilari
 from datafluence.methods.tfidf import TextSimilarity
 from datafluence.methods.tracin import TracInCP
 from datafluence.methods.trak import TRAK
+from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json
 from datafluence.tasks import ClassificationTask
 from datafluence.text import bm25_candidates
@@ -88,6 +89,7 @@ def timed(fn: Callable[[], object], again_below: float = 5.0) -> float:
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--threads",

@@ -21,6 +21,7 @@ from datafluence.curvature.fisher import loss_from_outputs
 from datafluence.curvature.operator import CurvatureOperator, _grad
 from datafluence.gradients.capture import batch_size_of, chunks, per_example, per_example_gradients
 from datafluence.methods.influence import InfluenceFunction
+from datafluence.runtime import tune_allocator
 from datafluence.tasks import ClassificationTask, eval_mode
 
 
@@ -91,6 +92,7 @@ def solve(kind: str, operator: type, model, task, train, grads, **options) -> tu
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from datafluence.datasets import (
 from datafluence.finetune import measure
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
+from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json, tensors_fingerprint
 from datafluence.tasks import ClassificationTask
 
@@ -65,6 +66,7 @@ def measurement_floor(model, task, n: int, probes) -> float:
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100,200", help="N = M values")
     parser.add_argument("--steps", default="1,5", help="K values")

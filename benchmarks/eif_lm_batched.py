@@ -25,6 +25,7 @@ from datafluence.experiments.knowledge_domains import LORA_TARGETS
 from datafluence.finetune import measure
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models.language import load_causal_lm
+from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json
 from datafluence.tasks import CausalLMTask
 
@@ -42,6 +43,7 @@ def sentences(tokenizer, n: int) -> list[str]:
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="local HF causal-LM folder (default SmolLM2)")
     parser.add_argument("--sizes", default="16,64", help="N training texts")

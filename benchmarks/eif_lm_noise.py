@@ -21,11 +21,13 @@ from eif_lm_batched import sentences  # same texts as the speed benchmark
 from datafluence.experiments.knowledge_domains import LORA_TARGETS
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models.language import load_causal_lm
+from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json
 from datafluence.tasks import CausalLMTask
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=16, help="training texts")
     parser.add_argument("--probes", type=int, default=64)

@@ -54,6 +54,7 @@ from datafluence.groundtruth import RegressionTask, Trainer
 from datafluence.methods import GradientSimilarity, InfluenceFunction
 from datafluence.methods.pbrf import PBRF
 from datafluence.metrics.attribution import pbrf_agreement
+from datafluence.runtime import tune_allocator
 from datafluence.scores import Scores
 from datafluence.store import atomic_write_json
 from datafluence.tasks import ClassificationTask, Examples, Task
@@ -416,6 +417,7 @@ def compare_at(
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="regression-mlp,mnist-mlp")
     parser.add_argument("--methods", default=",".join(METHODS))

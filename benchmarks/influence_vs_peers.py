@@ -78,6 +78,7 @@ from torch import nn
 from datafluence.datasets import load_fashion_mnist
 from datafluence.methods.influence import InfluenceFunction
 from datafluence.models import SmallCNN
+from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json
 from datafluence.tasks import ClassificationTask, Examples
 
@@ -675,6 +676,7 @@ def split(text: str, first: str | None = None) -> list[str]:
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -21,6 +21,7 @@ from torch import Tensor
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.space import ParamSpace
 from datafluence.models.cnn import SmallCNN
+from datafluence.runtime import tune_allocator
 
 
 class EarlierProjection(RandomProjection):
@@ -61,6 +62,7 @@ def run(projector: RandomProjection, grads: dict[str, Tensor], n: int, chunk: in
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=2048)

@@ -41,6 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from influence_vs_peers import accuracy, trained  # noqa: I001 - the peers benchmark's models
 
+from datafluence.runtime import tune_allocator
 from datafluence.datasets import load_fashion_mnist
 from datafluence.gradients.space import ParamSpace
 from datafluence.methods.influence import InfluenceFunction
@@ -123,6 +124,7 @@ def bench(name: str, model: nn.Module, train: Examples, queries: Examples, args)
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--n-train", type=int, default=5000)

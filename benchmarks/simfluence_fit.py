@@ -53,6 +53,7 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from datafluence.runtime import tune_allocator  # noqa: E402
 from datafluence.simfluence import (  # noqa: E402
     DEFAULT_LAMBDAS,
     make_simulator,
@@ -151,6 +152,7 @@ def configs(axes):
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     rows = []
     axes = QUICK_AXES if ARGS.quick else AXES
     for axis, setting in configs(axes):

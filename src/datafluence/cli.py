@@ -18,6 +18,9 @@ from datafluence.experiments import EXPERIMENTS, groundtruth_cli, scores_cli
 def main() -> None:
     """Which training examples made a network behave this way, and what does learning one
     more example do to everything else it knows?"""
+    from datafluence.runtime import tune_allocator
+
+    tune_allocator()  # activations reuse freed memory instead of page-faulting: 2-3x on CPU
 
 
 class _ExperimentGroup(click.Group):
