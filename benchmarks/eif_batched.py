@@ -5,7 +5,10 @@ Both engines fine-tune the same Fashion-MNIST CNN on each of N MNIST digits (lab
 difference of the two matrices, and the measurement floor: N ordinary forwards over the M
 probes, which any exact engine that measures each copy with ordinary forwards must spend
 (bound = naive / floor is the best ratio such an engine can reach, however cheap its
-fine-tuning). Run: `.venv/bin/python benchmarks/eif_batched.py`.
+fine-tuning), and the compute roofline (benchmarks/roofline.py): the N forwards' FLOPs at
+this machine's peak matmul rate, the time no exact engine can beat here however it lays out
+its forwards (roofline bound = naive / roofline).
+Run: `.venv/bin/python benchmarks/eif_batched.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import forward_flops, peak_gflops
 
 from datafluence.datasets import (
     FASHION_CLASSES,
@@ -79,6 +83,8 @@ def main() -> None:
 
     model, origin = reference_model()
     task = ClassificationTask(num_classes=10)
+    peak = peak_gflops()
+    print(f"peak float32 matmul: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     target = FASHION_CLASSES.index("Sneaker")
     rows = []
     warm = take_per_class(load_mnist_subset(), 1)
@@ -96,6 +102,8 @@ def main() -> None:
             t_batched, batched = timed(batched_method, model, items)
             floor = measurement_floor(model, task, len(items), items)
             diff = float(abs(naive.values - batched.values).max())
+            flops = forward_flops(lambda items=items: measure(model, task, items.tensors))
+            roofline = len(items) * flops / (peak * 1e9)
             rows.append(
                 {
                     "N": len(items),
@@ -106,6 +114,9 @@ def main() -> None:
                     "speedup": round(t_naive / t_batched, 2),
                     "floor_s": round(floor, 3),
                     "bound": round(t_naive / floor, 2),
+                    "forward_gflop": round(flops / 1e9, 4),
+                    "roofline_s": round(roofline, 3),
+                    "roofline_bound": round(t_naive / roofline, 2),
                     "max_abs_diff": diff,
                 }
             )
@@ -113,6 +124,7 @@ def main() -> None:
             print(
                 f"N=M={r['N']:4d} K={k}  naive {r['naive_s']:7.2f}s  batched {r['batched_s']:6.2f}s  "
                 f"x{r['speedup']:5.2f}  floor {floor:6.2f}s (bound x{r['bound']:5.2f})  "
+                f"roofline {roofline:5.2f}s (x{r['roofline_bound']:5.2f})  "
                 f"max|diff| {diff:.2e}",
                 flush=True,
             )
@@ -123,6 +135,7 @@ def main() -> None:
         "lr": args.lr,
         "chunk_size": args.chunk_size,
         "threads": torch.get_num_threads(),
+        "peak_gflops": round(peak, 1),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "rows": rows,

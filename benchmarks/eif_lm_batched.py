@@ -7,7 +7,9 @@ measurement floor: N ordinary forwards of the base model over the M probes, whic
 engine that measures each copy with ordinary forwards must spend (bound = naive / floor is
 the best ratio such an engine can reach, however cheap its fine-tuning). It also prints the
 float32 noise of the measurement itself (same weights, probes measured in one batch vs one
-at a time), the scale below which the two engines cannot be expected to agree.
+at a time), the scale below which the two engines cannot be expected to agree, and the
+compute roofline (benchmarks/roofline.py): the N base-model forwards' FLOPs at this machine's
+peak matmul rate, the time no exact engine can beat here (roofline bound = naive / roofline).
 Run: `.venv/bin/python benchmarks/eif_lm_batched.py [--sizes 16,64 --steps 1,5]`.
 """
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import forward_flops, peak_gflops
 
 from datafluence.datasets.domains import available_domains, instantiate, load_domain
 from datafluence.experiments.knowledge_domains import LORA_TARGETS
@@ -73,6 +76,12 @@ def main() -> None:
     alone = torch.cat([measure(model, task, probes[i : i + 1].tensors) for i in range(len(probes))])
     layout_noise = float((together - alone).abs().max())
     print(f"measurement layout noise (same weights, batch {len(probes)} vs 1): {layout_noise:.1e}")
+    peak = peak_gflops()
+    flops = forward_flops(lambda: measure(model, task, probes.tensors))
+    print(
+        f"peak float32 matmul: {peak:.0f} GFLOP/s; one forward over the {len(probes)} probes: "
+        f"{flops / 1e9:.1f} GFLOP ({torch.get_num_threads()} threads)"
+    )
     rows = []
     for n in sizes:
         train = task.examples(texts[:n], ids=[f"t{i}" for i in range(n)])
@@ -99,6 +108,7 @@ def main() -> None:
                     measure(model, task, probes[lo : lo + 256].tensors)
             floor = time.perf_counter() - start
             diff = float(abs(results["naive"].values - results["batched"].values).max())
+            roofline = n * flops / (peak * 1e9)
             row = {
                 "N": n,
                 "M": args.probes,
@@ -108,6 +118,8 @@ def main() -> None:
                 "speedup": round(timings["naive"] / timings["batched"], 2),
                 "floor_s": round(floor, 2),
                 "bound": round(timings["naive"] / floor, 2),
+                "roofline_s": round(roofline, 2),
+                "roofline_bound": round(timings["naive"] / roofline, 2),
                 "max_abs_diff": diff,
                 "max_abs_eif": float(abs(results["naive"].values).max()),
             }
@@ -116,6 +128,7 @@ def main() -> None:
                 f"N={n:3d} M={args.probes} K={k}  naive {row['naive_s']:8.1f}s  "
                 f"batched {row['batched_s']:7.1f}s  x{row['speedup']:5.2f}  "
                 f"floor {floor:7.1f}s (bound x{row['bound']:5.2f})  "
+                f"roofline {roofline:6.1f}s (x{row['roofline_bound']:5.2f})  "
                 f"max|diff| {diff:.1e} (max|EIF| {row['max_abs_eif']:.2f})",
                 flush=True,
             )
@@ -129,6 +142,8 @@ def main() -> None:
             "lora_rank": args.lora_rank,
             "lora_targets": list(LORA_TARGETS),
             "measurement_layout_noise": layout_noise,
+            "peak_gflops": round(peak, 1),
+            "forward_gflop": round(flops / 1e9, 2),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "machine": platform.machine(),
