@@ -224,6 +224,14 @@ class ClassificationTask(Task):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["y"][:, None])[:, 0]
         return logp.exp() if self.measurement == "prob" else logp
 
+    def measure_copies(self, model_copies: ModelFn, batch: Mapping[str, Tensor]) -> Tensor:
+        """Measurements [C, M] from a model that returns logits [C, M, n_classes] of C
+        parameter copies at once (a model's `forward_copies`, used by the EIF engine)."""
+        logits = model_copies(batch["x"])
+        copies, m = logits.shape[:2]
+        y = batch["y"].expand(copies, m).reshape(-1)
+        return self.measure_from_outputs(logits.flatten(0, 1), {"y": y}).view(copies, m)
+
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "num_classes": self.num_classes}
 

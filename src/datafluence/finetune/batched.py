@@ -69,12 +69,25 @@ class BatchedFinetuner:
     def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
         """Measurements [C, M] of every probe under every stacked copy.
 
-        A plain loop over copies, each measuring a chunk of probes in one batched forward:
-        on CPU this beats vmap, which turns convolutions with per-copy weights into grouped
+        A model that defines `forward_copies(params, x) -> [C, M, ...]` (all parameters
+        stacked [C, ...]; see `SmallCNN.forward_copies`) measures all copies in one call
+        when the task can read such outputs (`measure_copies`): it can share work between
+        copies that see the same probes. Otherwise a plain loop
+        over copies, each measuring a chunk of probes in one batched forward: on CPU this
+        beats vmap, which turns convolutions with per-copy weights into grouped
         convolutions that run 2-3x slower per FLOP than the ordinary kernels.
         """
         n_copies = next(iter(params.values())).shape[0]
         chunks = [probes[s : s + probe_chunk].tensors for s in range(0, len(probes), probe_chunk)]
+        stacked = getattr(self.model, "forward_copies", None)
+        if stacked is not None and hasattr(self.task, "measure_copies") and not self.buffers:
+            full = {n: p.expand(n_copies, *p.shape) for n, p in self.frozen.items()}
+            full.update(params)
+            with eval_mode(self.model):
+                return torch.cat(
+                    [self.task.measure_copies(partial(stacked, full), chunk) for chunk in chunks],
+                    dim=1,
+                )
         rows = []
         with eval_mode(self.model):
             for c in range(n_copies):
