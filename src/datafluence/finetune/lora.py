@@ -147,16 +147,34 @@ class LoRAFinetuner:
 
     @torch.no_grad()
     def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
-        """Measurements [C, M]; each forward holds about `probe_chunk` rows (C x probes)."""
+        """Measurements [C, M]; each forward holds about `probe_chunk` rows (C x probes).
+
+        Probes go through in order of length, so that each forward is cut to its own
+        longest probe instead of the longest of all: short probes stop paying for padding
+        (a third of the measurement FLOPs on the knowledge-domain sentences).
+        """
         n = next(iter(params.values())).shape[0]
         per_forward = max(1, probe_chunk // n)
+        order = _by_length(probes.tensors)
         cols = []
         with self._frozen_base(), self.attached(params):
             for s in range(0, len(probes), per_forward):
-                chunk = probes[s : s + per_forward].tensors
+                chunk = probes[order[s : s + per_forward].tolist()].tensors
                 rows = {k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in chunk.items()}
                 cols.append(self.task.measure(self.model, rows).view(n, -1))
-        return torch.cat(cols, dim=1)
+        out = torch.empty(n, len(probes), dtype=cols[0].dtype, device=cols[0].device)
+        out[:, order.to(out.device)] = torch.cat(cols, dim=1)
+        return out
+
+
+def _by_length(tensors: dict[str, Tensor]) -> Tensor:
+    """Probe indices sorted (stably) by the position of their last scored token."""
+    mask = tensors.get("target_mask", tensors.get("attention_mask"))
+    if mask is None:
+        return torch.arange(next(iter(tensors.values())).shape[0])
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (mask.bool() * positions).amax(1)
+    return torch.argsort(last.cpu(), stable=True)
 
 
 def peft_copy(
