@@ -5,7 +5,10 @@ measures the yardstick: the same reference loop (peft + torch.optim, Adam) run t
 different thread counts, and the batched engine run twice with different chunkings. Only
 the order of float32 sums changes between the two runs of a pair; whatever they differ by
 is the float32 noise floor of the computation, below which no two implementations can be
-expected to agree. Also reports the batched-vs-loop difference for comparison.
+expected to agree. Also reports the batched-vs-loop difference for comparison. With
+`--dtype float64` the same comparison runs on the model in float64, where rounding no longer
+hides an engine error: the pairs must then agree far below 1e-4. `--text` restricts the
+training set to one sentence (e.g. the N = 64 set's most sensitive one).
 Run: `.venv/bin/python benchmarks/eif_lm_noise.py [--n 16 --probes 64 --steps 5]`.
 """
 
@@ -34,15 +37,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--text", default=None, help="train on this one sentence only")
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "eif_lm_noise.json")
     )
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(None, progress=False)
+    model = model.to(getattr(torch, args.dtype))
     task = CausalLMTask(tokenizer)
     texts = sentences(tokenizer, args.n + args.probes)
-    train = task.examples(texts[: args.n], ids=[f"t{i}" for i in range(args.n)])
+    chosen = [args.text] if args.text else texts[: args.n]
+    train = task.examples(chosen, ids=[f"t{i}" for i in range(len(chosen))])
     probes = task.examples(texts[-args.probes :], ids=[f"q{i}" for i in range(args.probes)])
     recipe = dict(
         steps=args.steps,
@@ -59,14 +66,17 @@ def main() -> None:
         return method.score(model, train, probes).values
 
     loop_a, loop_b = run("naive", 2, 16), run("naive", 1, 16)
-    batched_a, batched_b = run("batched", 2, args.n), run("batched", 2, max(1, args.n // 2))
+    n = len(train)
+    batched_a, batched_b = run("batched", 2, n), run("batched", 2, max(1, n // 2))
 
     def diff(x, y) -> float:
         return float(abs(x - y).max())
 
     result = {
         "benchmark": "eif_lm_noise",
-        "N": args.n,
+        "N": n,
+        "text": args.text,
+        "dtype": args.dtype,
         "M": args.probes,
         "K": args.steps,
         "optimizer": args.optimizer,
