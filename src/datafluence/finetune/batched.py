@@ -72,10 +72,10 @@ class BatchedFinetuner:
         A model that defines `forward_copies(params, x) -> [C, M, ...]` (all parameters
         stacked [C, ...]; see `SmallCNN.forward_copies`) measures all copies in one call
         when the task can read such outputs (`measure_copies`): it can share work between
-        copies that see the same probes. Otherwise a plain loop
-        over copies, each measuring a chunk of probes in one batched forward: on CPU this
-        beats vmap, which turns convolutions with per-copy weights into grouped
-        convolutions that run 2-3x slower per FLOP than the ordinary kernels.
+        copies that see the same probes. Otherwise a plain loop over copies, each measuring
+        a chunk of probes in one batched forward: on CPU this beats vmap, which turns
+        convolutions with per-copy weights into grouped convolutions that run 2-3x slower
+        per FLOP than the ordinary kernels.
         """
         n_copies = next(iter(params.values())).shape[0]
         chunks = [probes[s : s + probe_chunk].tensors for s in range(0, len(probes), probe_chunk)]
