@@ -10,6 +10,7 @@ Run: `.venv/bin/python benchmarks/allocator.py`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
@@ -63,12 +64,9 @@ print(json.dumps(out))
 """
 
 
-WORKLOADS = 4
-
-
 def child(mode: str, repeats: int, only: int) -> dict:
-    """Workload number `only` alone in a new process: what any earlier work allocated would
-    otherwise change glibc's thresholds for the next."""
+    """Workload number `only` alone in a new process (empty past the last one): what any
+    earlier work allocated would otherwise change glibc's thresholds for the next."""
     run = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(repeats), str(only)],
         capture_output=True,
@@ -85,8 +83,11 @@ def main() -> None:
     args = parser.parse_args()
 
     plain, tuned = {}, {}
-    for only in range(WORKLOADS):
-        plain.update(child("plain", args.repeats, only))
+    for only in itertools.count():
+        done = child("plain", args.repeats, only)
+        if not done:
+            break
+        plain.update(done)
         tuned.update(child("tuned", args.repeats, only))
     rows = []
     print(

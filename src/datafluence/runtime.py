@@ -4,8 +4,8 @@ glibc's malloc hands blocks above a dynamic threshold (128 KiB at start) back to
 with munmap, and trims the heap top whenever more than twice that is free. PyTorch's CPU
 allocator sits on malloc, so a forward pass whose activations are a few MB gets fresh
 zero-filled pages from the kernel at every call: one page fault per 4 KiB, each time. In a
-fresh process that made the reference CNN's forward over 100 images 3x slower (1.05 s vs
-0.34 s for 100 forwards, `benchmarks/allocator.py`), and the penalty comes and goes with
+fresh process that made the reference CNN's forward over 100 images 3x slower (1.06 s vs
+0.36 s for 100 forwards, `benchmarks/allocator.py`), and the penalty comes and goes with
 whatever the process allocated before, which also makes timings irreproducible.
 """
 

@@ -169,9 +169,7 @@ class LoRAFinetuner:
 
 def _by_length(tensors: dict[str, Tensor]) -> Tensor:
     """Probe indices sorted (stably) by the position of their last scored token."""
-    mask = tensors.get("target_mask", tensors.get("attention_mask"))
-    if mask is None:
-        return torch.arange(next(iter(tensors.values())).shape[0])
+    mask = tensors["target_mask"]  # CausalLMTask examples always carry it
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     last = (mask.bool() * positions).amax(1)
     return torch.argsort(last.cpu(), stable=True)

@@ -67,9 +67,10 @@ class SmallCNN(nn.Module):
         if x.shape[0] > self.COPY_BLOCK:  # a copy's activations stay in cache: ~10% at M=200
             blocks = x.split(self.COPY_BLOCK)
             return torch.cat([self.forward_copies(params, b) for b in blocks], dim=1)
-        p = params
-        w1, b1 = p["features.0.weight"], p["features.0.bias"]
-        w2, b2 = p["features.3.weight"], p["features.3.bias"]
+        w1, b1 = params["features.0.weight"], params["features.0.bias"]
+        w2, b2 = params["features.3.weight"], params["features.3.bias"]
+        fc1, fc1_b = params["head.0.weight"], params["head.0.bias"]
+        fc2, fc2_b = params["head.2.weight"], params["head.2.bias"]
         copies, out1, cin, k, _ = w1.shape
         m, side = x.shape[0], x.shape[-1]
         pooled = (side - k + 1) // 2
@@ -87,6 +88,6 @@ class SmallCNN(nn.Module):
             h = h.add_(b1[c]).relu_().view(m, pooled, pooled, out1).permute(0, 3, 1, 2)
             h = F.max_pool2d(F.conv2d(h, w2[c], b2[c]), 2).relu_()  # channels-last in and out
             h = h.flatten(1)
-            h = F.linear(h, p["head.0.weight"][c], p["head.0.bias"][c]).relu_()
-            logits.append(F.linear(h, p["head.2.weight"][c], p["head.2.bias"][c]))
+            h = F.linear(h, fc1[c], fc1_b[c]).relu_()
+            logits.append(F.linear(h, fc2[c], fc2_b[c]))
         return torch.stack(logits)
