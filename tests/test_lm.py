@@ -112,6 +112,23 @@ def test_measure_is_summed_completion_log_prob(tokenizer):
     assert torch.allclose(full, got, atol=1e-5)
 
 
+def test_picked_log_probs_blocks_equal_one_call(monkeypatch):
+    """The blockwise log-softmax is the one-call formula bit for bit, gradients included,
+    when rows split unevenly across blocks."""
+    from datafluence import tasks
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).requires_grad_(True)
+    ids = torch.randint(0, 50, (3, 7))
+    want = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    (want_grad,) = torch.autograd.grad(want.sum(), logits)
+    monkeypatch.setattr(tasks, "LOGSUMEXP_BLOCK", 4 * 50)  # blocks of 4 rows: 21 = 5*4 + 1
+    got = tasks.picked_log_probs(logits, ids)
+    (got_grad,) = torch.autograd.grad(got.sum(), logits)
+    assert got.shape == (3, 7)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
 def test_prompt_tokens_are_masked(tokenizer):
     task = CausalLMTask(tokenizer)
     ex = task.examples([("a wug is a", " blicket.")])

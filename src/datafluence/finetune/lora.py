@@ -92,9 +92,12 @@ class LoRAFinetuner:
             def hook(_mod: nn.Module, inputs: tuple, output: Tensor, a=a, b=b) -> Tensor:
                 x = inputs[0]
                 copies = a.shape[0]
-                flat = x.reshape(copies, -1, x.shape[-1])  # [C, R*T, d_in]
-                delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-                return output + self.scale * delta.reshape(output.shape)
+                low = torch.bmm(x.reshape(copies, -1, x.shape[-1]), a.transpose(1, 2))
+                # scale * low Bᵀ accumulates into the output in place: no [C, R*T, d_out]
+                # temporaries (autograd allows it: a linear layer keeps no copy of its output)
+                out = output.view(copies, -1, output.shape[-1])
+                out.baddbmm_(low, b.transpose(1, 2), alpha=self.scale)
+                return output
 
             handles.append(modules[name].register_forward_hook(hook))
         try:

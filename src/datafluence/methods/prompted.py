@@ -24,7 +24,7 @@ from datafluence import store
 from datafluence.finetune import measure
 from datafluence.scores import Scores
 from datafluence.store import RunDir
-from datafluence.tasks import CausalLMTask, Examples, eval_mode
+from datafluence.tasks import CausalLMTask, Examples, eval_mode, picked_log_probs
 
 DEFAULT_TEMPLATE = "{context}\n{prompt}"
 
@@ -173,8 +173,7 @@ class PromptedInfluence:
                 ).logits.float()
                 # token r of the rest is predicted by rest position r-1, token 0 by the prefix
                 head = logits[:, :-1]
-                picked = head.gather(-1, ids[:, 1:, None].to(device))[..., 0]
-                logp = picked - torch.logsumexp(head, dim=-1)
+                logp = picked_log_probs(head, ids[:, 1:].to(device))
                 first = last[ids[:, 0].to(device)]
                 token_logp = torch.cat([first[:, None], logp], dim=1)
                 results.append((token_logp * target.to(device)).sum(1))

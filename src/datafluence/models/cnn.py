@@ -65,7 +65,7 @@ class SmallCNN(nn.Module):
         (max-pool and ReLU commute), written channels-last for the second convolution.
         """
         if x.shape[0] > self.COPY_BLOCK:  # a copy's activations stay in cache: ~10% at M=200
-            blocks = x.split(self.COPY_BLOCK)
+            blocks = x.tensor_split(-(-x.shape[0] // self.COPY_BLOCK))  # even sizes
             return torch.cat([self.forward_copies(params, b) for b in blocks], dim=1)
         w1, b1 = params["features.0.weight"], params["features.0.bias"]
         w2, b2 = params["features.3.weight"], params["features.3.bias"]
@@ -74,20 +74,34 @@ class SmallCNN(nn.Module):
         copies, out1, cin, k, _ = w1.shape
         m, side = x.shape[0], x.shape[-1]
         pooled = (side - k + 1) // 2
-        # patches [4, M*P*P, Cin*k*k]: row (offset (a, b), image, i, j) holds the patch under
-        # conv output (2i + a, 2j + b), i.e. the four members of each 2x2 pooling window
-        cols = F.unfold((x - FASHION_MEAN) / FASHION_STD, k)
-        cols = cols.view(m, cin * k * k, side - k + 1, side - k + 1)
-        cols = cols[..., : 2 * pooled, : 2 * pooled]
-        cols = cols.reshape(m, cin * k * k, pooled, 2, pooled, 2).permute(3, 5, 0, 2, 4, 1)
-        cols = cols.reshape(4, m * pooled * pooled, cin * k * k)
+        cols = _pool_window_patches((x - FASHION_MEAN) / FASHION_STD, k)
         w1 = w1.reshape(copies, out1, cin * k * k)
-        logits = []
+        # fc1's inputs in (row, column, channel) order, the order of the channels-last pooled
+        # conv2 output, so that flattening it is a view rather than a copy per copy
+        out2 = w2.shape[1]
+        fc1 = fc1.view(copies, fc1.shape[1], out2, -1).transpose(2, 3).reshape(fc1.shape)
+        logits = torch.empty(copies, m, fc2.shape[1], dtype=x.dtype, device=x.device)
         for c in range(copies):
             h = torch.matmul(cols, w1[c].t()).amax(0)  # [M*P*P, out1]: max over the window
             h = h.add_(b1[c]).relu_().view(m, pooled, pooled, out1).permute(0, 3, 1, 2)
             h = F.max_pool2d(F.conv2d(h, w2[c], b2[c]), 2).relu_()  # channels-last in and out
-            h = h.flatten(1)
-            h = F.linear(h, fc1[c], fc1_b[c]).relu_()
-            logits.append(F.linear(h, fc2[c], fc2_b[c]))
-        return torch.stack(logits)
+            h = F.linear(h.permute(0, 2, 3, 1).reshape(m, -1), fc1[c], fc1_b[c]).relu_()
+            torch.addmm(fc2_b[c], h, fc2[c].t(), out=logits[c])
+        return logits
+
+
+def _pool_window_patches(x: Tensor, k: int) -> Tensor:
+    """Patches [4, M*P*P, Cin*k*k] of a k x k convolution followed by 2x2 max-pooling.
+
+    Row (offset (a, b), image, i, j) holds the patch under conv output (2i + a, 2j + b): the
+    four members of each pooling window sit in the four slices. One strided copy of x.
+    """
+    x = x.contiguous()
+    m, cin, side, _ = x.shape
+    pooled = (side - k + 1) // 2
+    s_img, s_chan = x.stride(0), x.stride(1)
+    windows = x.as_strided(
+        (2, 2, m, pooled, pooled, cin, k, k),
+        (side, 1, s_img, 2 * side, 2, s_chan, side, 1),
+    )
+    return windows.reshape(4, m * pooled * pooled, cin * k * k)
