@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from datafluence.finetune import functional_optim
+from datafluence.finetune.prefix_pack import measure_packed, packing_matches
 from datafluence.finetune.recipe import FinetuneRecipe
-from datafluence.tasks import Examples, Task, eval_mode
+from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
 
 Params = dict[str, Tensor]
 
@@ -68,6 +69,7 @@ class LoRAFinetuner:
         self.scale = recipe.lora_alpha / recipe.lora_rank
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._packing: bool | None = None  # prefix packing checked on first use
 
     def fresh(self, n: int) -> Params:
         """n identical fresh adapters: A from the seed, B = 0."""
@@ -77,6 +79,13 @@ class LoRAFinetuner:
             params[f"{name}.A"] = a.unsqueeze(0).expand(n, *a.shape).clone()
             params[f"{name}.B"] = torch.zeros(n, d_out, self.recipe.lora_rank, **self._like())
         return params
+
+    def _packing_ok(self, probes: Examples) -> bool:
+        if self._packing is None:
+            self._packing = isinstance(self.task, CausalLMTask) and packing_matches(
+                self.model, self.task, probes.tensors
+            )
+        return self._packing
 
     def _like(self) -> dict:
         return {"device": self.device, "dtype": self.dtype}
@@ -150,13 +159,18 @@ class LoRAFinetuner:
 
     @torch.no_grad()
     def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
-        """Measurements [C, M]; each forward holds about `probe_chunk` rows (C x probes).
+        """Measurements [C, M]; each forward holds about `probe_chunk` (copy, probe) pairs.
 
-        Probes go through in order of length, so that each forward is cut to its own
-        longest probe instead of the longest of all: short probes stop paying for padding
-        (a third of the measurement FLOPs on the knowledge-domain sentences).
+        Causal LMs whose checks pass (`prefix_pack.packing_matches`, once per finetuner)
+        measure the probes packed as prefix trees: shared prefixes and padding are not
+        computed (on the knowledge-domain probes, 437 token positions instead of 832).
+        Otherwise probes go through in order of length, so that each forward is cut to its
+        own longest probe instead of the longest of all.
         """
         n = next(iter(params.values())).shape[0]
+        if self._packing_ok(probes):
+            with self._frozen_base(), self.attached(params):
+                return measure_packed(self.model, self.task, probes.tensors, n, probe_chunk)
         per_forward = max(1, probe_chunk // n)
         order = _by_length(probes.tensors)
         cols = []
