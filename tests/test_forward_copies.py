@@ -59,6 +59,6 @@ def test_engine_measures_with_forward_copies_and_equals_the_naive_loop(
     batched = EmpiricalInfluence(task, chunk_size=4, probe_chunk_size=5, **common)
     naive = EmpiricalInfluence(task, engine="naive", **common)
     b, n = batched.score(model, items, items), naive.score(model, items, items)
-    assert len(calls) == 3 * 2  # 3 chunks of copies x 2 probe chunks
+    assert len(calls) == (3 + 1) * 2  # (3 chunks of copies + the untouched model) x 2 probe chunks
     assert np.abs(n.values).max() > 1e-2
     assert np.abs(b.values - n.values).max() < 1e-5

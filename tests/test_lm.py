@@ -103,7 +103,8 @@ def test_measure_is_summed_completion_log_prob(tokenizer):
         assert got[k].item() == pytest.approx(
             reference_log_prob(model, tokenizer, prompt, completion), abs=1e-4
         )
-    assert torch.allclose(task.loss(model, ex.tensors), -got)
+    assert got.dtype == torch.float64  # summed in float64: EIF subtracts two such sums
+    assert torch.allclose(task.loss(model, ex.tensors).double(), -got)
     # padding never changes a row: each example alone gives the same number
     alone = torch.cat([task.measure(model, ex[[k]].tensors) for k in range(len(ITEMS))])
     assert torch.allclose(alone, got, atol=1e-5)

@@ -452,7 +452,9 @@ class CausalLMTask(Task):
         return -self.token_log_probs_from_outputs(outputs, batch).sum(-1)
 
     def measure_from_outputs(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        logp = self.token_log_probs_from_outputs(outputs, batch).sum(-1)
+        """Summed in float64: EIF subtracts two such sums, and a text's log-probability is
+        large (-100 for 20 tokens, whose float32 spacing is already 8e-6)."""
+        logp = self.token_log_probs_from_outputs(outputs, batch).double().sum(-1)
         return logp.exp() if self.measurement == "prob" else logp
 
     def sample_labels(

@@ -34,6 +34,10 @@ class BatchedFinetuner:
         self.base = {n: p.detach() for n, p in model.named_parameters() if n in chosen}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
 
+    def unchanged(self) -> Params:
+        """The model's own trainable parameters as a stack of one copy."""
+        return {n: p.unsqueeze(0) for n, p in self.base.items()}
+
     def _call(self, params: Params, *args: Tensor, **kwargs: Tensor) -> Tensor:
         return functional_call(self.model, (params, self.frozen, self.buffers), args, kwargs)
 

@@ -80,6 +80,10 @@ class LoRAFinetuner:
             params[f"{name}.B"] = torch.zeros(n, d_out, self.recipe.lora_rank, **self._like())
         return params
 
+    def unchanged(self) -> Params:
+        """One fresh adapter: B = 0, so the model computes exactly its own function."""
+        return self.fresh(1)
+
     def _packing_ok(self, probes: Examples) -> bool:
         if self._packing is None:
             self._packing = isinstance(self.task, CausalLMTask) and packing_matches(

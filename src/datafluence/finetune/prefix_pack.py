@@ -211,8 +211,7 @@ def measure_packed(
     pack = pack_probes(tensors, int(task.tokenizer.pad_token_id))
     n_rows, width = pack.input_ids.shape
     per_forward = max(1, round(probe_rows / copies / (pack.edge_use.shape[1] / n_rows)))
-    exact = torch.promote_types(head.weight.dtype, torch.float32)
-    out = torch.zeros(copies, pack.edge_use.shape[1], device=device, dtype=exact)
+    out = torch.zeros(copies, pack.edge_use.shape[1], device=device, dtype=torch.float64)
     blocked = torch.finfo(head.weight.dtype).min
     with eval_mode(model), head_inputs(model) as seen:
         for lo in range(0, n_rows, per_forward):
@@ -229,7 +228,7 @@ def measure_packed(
             hidden = seen.pop().reshape(copies, r * width, -1)[:, part.edge_node.to(device)]
             tokens = part.edge_token.to(device).repeat(copies)
             logp = edge_log_probs(head, hidden.reshape(-1, hidden.shape[-1]), tokens)
-            out += logp.view(copies, -1) @ part.edge_use.to(device, exact)
+            out += logp.view(copies, -1).double() @ part.edge_use.to(device, torch.float64)
     return out.exp() if task.measurement == "prob" else out
 
 

@@ -93,16 +93,21 @@ class EmpiricalInfluence:
         self.task.check_model(model, queries, "probe")
 
         start = time.perf_counter()
-        base = measure(model, self.task, queries.tensors).float()
+        finetuner = None
+        if self.engine == "batched":
+            engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
+            finetuner = engine(model, self.task, self.recipe)
+            # the untouched model measured the way the copies will be: the same float32
+            # rounding on both sides of each difference
+            base = finetuner.measure(finetuner.unchanged(), queries, self.probe_chunk_size)[0]
+        else:
+            base = measure(model, self.task, queries.tensors)
+        base = base.double()  # LM measurements are float64 sums: subtract before rounding
         if not torch.isfinite(base).all():
             raise FloatingPointError(
                 "the model's measurement of some probes is already non-finite before "
                 "fine-tuning; check the model and the probes"
             )
-        finetuner = None
-        if self.engine == "batched":
-            engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
-            finetuner = engine(model, self.task, self.recipe)
 
         def compute(lo: int, hi: int) -> np.ndarray:
             if finetuner is not None:
@@ -115,7 +120,7 @@ class EmpiricalInfluence:
                     tuned = finetune_copy(model, self.task, self.recipe, batch, row_ids[i])
                     rows.append(measure(tuned, self.task, queries.tensors))
                 after = torch.stack(rows)
-            delta = after.float() - base[None, :]
+            delta = (after.double() - base[None, :]).float()
             bad = (~torch.isfinite(delta)).any(1).nonzero().flatten().tolist()
             if bad:
                 names = ", ".join(row_ids[lo + i] for i in bad[:5])

@@ -96,7 +96,7 @@ class PromptedInfluence:
         contexts = [_as_text(item) for item in _items(train, "training examples")]
         self.task.check(queries, "probe")
         device = next(model.parameters()).device
-        base = measure(model, self.task, queries.to(device).tensors).float()
+        base = measure(model, self.task, queries.to(device).tensors).double()
         rests = self.rests(queries)
         start = time.perf_counter()
 
@@ -116,7 +116,7 @@ class PromptedInfluence:
                             for s in range(0, len(examples), self.batch_size)
                         ]
                     )
-                rows.append(values.float() - base)
+                rows.append((values.double() - base).float())
             return torch.stack(rows).cpu().numpy()
 
         n = len(contexts)
@@ -176,7 +176,7 @@ class PromptedInfluence:
                 logp = picked_log_probs(head, ids[:, 1:].to(device))
                 first = last[ids[:, 0].to(device)]
                 token_logp = torch.cat([first[:, None], logp], dim=1)
-                results.append((token_logp * target.to(device)).sum(1))
+                results.append((token_logp * target.to(device)).double().sum(1))
         values = torch.cat(results)
         return values.exp() if self.task.measurement == "prob" else values
 
