@@ -31,6 +31,7 @@ from datafluence.datasets import (
 from datafluence.finetune import measure
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models import SmallCNN, TrainRecipe, train_classifier
+from datafluence.models.cnn import pool_window_patches
 from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json, tensors_fingerprint
 from datafluence.tasks import ClassificationTask
@@ -78,6 +79,36 @@ def measurement_floor(model, task, n: int, probes, repeats: int) -> float:
     return best
 
 
+def convolution_floor(model: SmallCNN, n: int, probes, repeats: int) -> float:
+    """Seconds (best of `repeats`) for the two convolutions alone of n copies over the probes,
+    with the very kernels and block sizes SmallCNN.forward_copies uses (first layer: one
+    matmul over the shared patches, second: oneDNN on channels-last input): a floor for any
+    engine built on PyTorch's CPU kernels, however it arranges everything else."""
+    x = probes.tensors["x"]
+    w1 = model.features[0].weight.detach().flatten(1)
+    w2, b2 = model.features[3].weight.detach(), model.features[3].bias.detach()
+    k = model.features[0].kernel_size[0]
+    pooled = (x.shape[-1] - k + 1) // 2
+    blocks = x.tensor_split(-(-len(x) // model.COPY_BLOCK))
+    cols = [pool_window_patches(b, k) for b in blocks]
+    maps = [
+        torch.rand(len(b), w2.shape[1], pooled, pooled).contiguous(
+            memory_format=torch.channels_last
+        )
+        for b in blocks
+    ]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(n):
+                for c, h in zip(cols, maps, strict=True):
+                    torch.matmul(c, w1.t())
+                    torch.nn.functional.conv2d(h, w2, b2)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main() -> None:
     tune_allocator()  # the same allocator settings as the CLI (benchmarks/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__)
@@ -111,6 +142,7 @@ def main() -> None:
             t_naive, naive = timed(naive_method, model, items, args.repeats)
             t_batched, batched = timed(batched_method, model, items, args.repeats)
             floor = measurement_floor(model, task, len(items), items, args.repeats)
+            conv = convolution_floor(model, len(items), items, args.repeats)
             diff = float(abs(naive.values - batched.values).max())
             flops = forward_flops(lambda items=items: measure(model, task, items.tensors))
             roofline = len(items) * flops / (peak * 1e9)
@@ -124,6 +156,8 @@ def main() -> None:
                     "speedup": round(t_naive / t_batched, 2),
                     "floor_s": round(floor, 3),
                     "bound": round(t_naive / floor, 2),
+                    "conv_floor_s": round(conv, 3),
+                    "conv_bound": round(t_naive / conv, 2),
                     "forward_gflop": round(flops / 1e9, 4),
                     "roofline_s": round(roofline, 3),
                     "roofline_bound": round(t_naive / roofline, 2),
@@ -134,6 +168,7 @@ def main() -> None:
             print(
                 f"N=M={r['N']:4d} K={k}  naive {r['naive_s']:7.2f}s  batched {r['batched_s']:6.2f}s  "
                 f"x{r['speedup']:5.2f}  floor {floor:6.2f}s (bound x{r['bound']:5.2f})  "
+                f"conv floor {conv:5.2f}s (x{r['conv_bound']:5.2f})  "
                 f"roofline {roofline:5.2f}s (x{r['roofline_bound']:5.2f})  "
                 f"max|diff| {diff:.2e}",
                 flush=True,

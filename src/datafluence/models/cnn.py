@@ -74,7 +74,7 @@ class SmallCNN(nn.Module):
         copies, out1, cin, k, _ = w1.shape
         m, side = x.shape[0], x.shape[-1]
         pooled = (side - k + 1) // 2
-        cols = _pool_window_patches((x - FASHION_MEAN) / FASHION_STD, k)
+        cols = pool_window_patches((x - FASHION_MEAN) / FASHION_STD, k)
         w1 = w1.reshape(copies, out1, cin * k * k)
         # fc1's inputs in (row, column, channel) order, the order of the channels-last pooled
         # conv2 output, so that flattening it is a view rather than a copy per copy
@@ -90,7 +90,7 @@ class SmallCNN(nn.Module):
         return logits
 
 
-def _pool_window_patches(x: Tensor, k: int) -> Tensor:
+def pool_window_patches(x: Tensor, k: int) -> Tensor:
     """Patches [4, M*P*P, Cin*k*k] of a k x k convolution followed by 2x2 max-pooling.
 
     Row (offset (a, b), image, i, j) holds the patch under conv output (2i + a, 2j + b): the
