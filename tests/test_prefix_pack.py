@@ -124,3 +124,25 @@ def test_models_that_change_logits_after_the_projection_are_not_packed(tokenizer
     want = naive.score(scaled, probes[:3], probes).values
     got = batched.score(scaled, probes[:3], probes).values
     assert abs(want - got).max() < 1e-5
+
+
+def test_long_probes_are_measured_padded(tokenizer, monkeypatch):
+    from datafluence.finetune import lora
+    from datafluence.methods import EmpiricalInfluence
+
+    model = llama(tokenizer)
+    task = CausalLMTask(tokenizer)
+    probes = task.examples(PROBES)
+    calls = []
+    original = lora.measure_packed
+    monkeypatch.setattr(
+        lora, "measure_packed", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    recipe = dict(steps=1, lr=0.05, lora_rank=4, lora_targets=("*q_proj", "*v_proj"))
+    packed = EmpiricalInfluence(task, progress=False, **recipe).score(model, probes[:2], probes)
+    assert calls  # short probes: packed
+    calls.clear()
+    monkeypatch.setattr(lora, "MAX_PACKED_LENGTH", 5)
+    padded = EmpiricalInfluence(task, progress=False, **recipe).score(model, probes[:2], probes)
+    assert not calls
+    assert abs(packed.values - padded.values).max() < 1e-5

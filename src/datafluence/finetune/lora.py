@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from datafluence.finetune import functional_optim
-from datafluence.finetune.prefix_pack import measure_packed, packing_matches
+from datafluence.finetune.prefix_pack import MAX_PACKED_LENGTH, measure_packed, packing_matches
 from datafluence.finetune.recipe import FinetuneRecipe
 from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
 
@@ -85,6 +85,9 @@ class LoRAFinetuner:
         return self.fresh(1)
 
     def _packing_ok(self, probes: Examples) -> bool:
+        longest = int(probes.tensors["attention_mask"].sum(1).max())
+        if longest > MAX_PACKED_LENGTH:  # masks grow with the square of the row width
+            return False
         if self._packing is None:
             self._packing = isinstance(self.task, CausalLMTask) and packing_matches(
                 self.model, self.task, probes.tensors
@@ -167,7 +170,8 @@ class LoRAFinetuner:
 
         Causal LMs whose checks pass (`prefix_pack.packing_matches`, once per finetuner)
         measure the probes packed as prefix trees: shared prefixes and padding are not
-        computed (on the knowledge-domain probes, 437 token positions instead of 832).
+        computed (on the knowledge-domain probes, 480 row positions instead of 832); probes
+        longer than `MAX_PACKED_LENGTH` tokens are not packed.
         Otherwise probes go through in order of length, so that each forward is cut to its
         own longest probe instead of the longest of all.
         """

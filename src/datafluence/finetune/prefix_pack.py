@@ -60,6 +60,7 @@ class PackedProbes:
 
 
 WIDTHS = (32, 48, 64, 96, 128)  # row widths tried by pack_probes
+MAX_PACKED_LENGTH = 256  # longer probes are measured padded: [rows, 1, L, L] masks grow as L²
 ATTENTION_SCALE = 2048  # a row of width L costs about L * (1 + L / ATTENTION_SCALE) tokens
 
 
