@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from roofline import forward_flops, peak_gflops
@@ -35,6 +38,8 @@ from datafluence.models.cnn import pool_window_patches
 from datafluence.runtime import tune_allocator
 from datafluence.store import atomic_write_json, tensors_fingerprint
 from datafluence.tasks import ClassificationTask
+
+T = TypeVar("T")
 
 
 def reference_model() -> tuple[torch.nn.Module, str]:
@@ -56,12 +61,13 @@ def reference_model() -> tuple[torch.nn.Module, str]:
     return model, "trained CNN" + (" (cached)" if cached else "")
 
 
-def timed(method: EmpiricalInfluence, model, items, repeats: int) -> tuple[float, object]:
-    """Best of `repeats` runs: on a shared 2-core machine single runs vary by 20-40 %."""
-    best = float("inf")
+def best_of(repeats: int, fn: Callable[[], T]) -> tuple[float, T]:
+    """Fastest of `repeats` calls (seconds) and the last result: on a shared 2-core machine
+    single runs vary by 20-40 %."""
+    best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = method.score(model, items, items)
+        out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
 
@@ -70,13 +76,7 @@ def measurement_floor(model, task, n: int, probes, repeats: int) -> float:
     """Seconds for n ordinary forwards over the probes (best of `repeats`): what any exact
     engine that measures each fine-tuned copy with ordinary forwards must spend, whatever
     its fine-tuning costs."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            measure(model, task, probes.tensors)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_of(repeats, lambda: [measure(model, task, probes.tensors) for _ in range(n)])[0]
 
 
 def convolution_floor(model: SmallCNN, n: int, probes, repeats: int) -> float:
@@ -97,16 +97,15 @@ def convolution_floor(model: SmallCNN, n: int, probes, repeats: int) -> float:
         )
         for b in blocks
     ]
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(n):
-                for c, h in zip(cols, maps, strict=True):
-                    torch.matmul(c, w1.t())
-                    torch.nn.functional.conv2d(h, w2, b2)
-            best = min(best, time.perf_counter() - start)
-    return best
+
+    @torch.no_grad()
+    def convolutions() -> None:
+        for _ in range(n):
+            for c, h in zip(cols, maps, strict=True):
+                torch.matmul(c, w1.t())
+                torch.nn.functional.conv2d(h, w2, b2)
+
+    return best_of(repeats, convolutions)[0]
 
 
 def main() -> None:
@@ -139,8 +138,10 @@ def main() -> None:
             common = dict(steps=k, lr=args.lr, optimizer="sgd", progress=False)
             naive_method = EmpiricalInfluence(task, engine="naive", **common)
             batched_method = EmpiricalInfluence(task, chunk_size=args.chunk_size, **common)
-            t_naive, naive = timed(naive_method, model, items, args.repeats)
-            t_batched, batched = timed(batched_method, model, items, args.repeats)
+            t_naive, naive = best_of(args.repeats, partial(naive_method.score, model, items, items))
+            t_batched, batched = best_of(
+                args.repeats, partial(batched_method.score, model, items, items)
+            )
             floor = measurement_floor(model, task, len(items), items, args.repeats)
             conv = convolution_floor(model, len(items), items, args.repeats)
             diff = float(abs(naive.values - batched.values).max())

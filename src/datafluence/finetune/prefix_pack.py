@@ -223,7 +223,7 @@ def measure_packed(
             model(
                 input_ids=part.input_ids.repeat(copies, 1).to(device),
                 position_ids=part.position_ids.repeat(copies, 1).to(device),
-                attention_mask=mask.repeat(copies, 1, 1, 1).to(device),
+                attention_mask=mask.to(device).repeat(copies, 1, 1, 1),
                 use_cache=False,
             )
             hidden = seen.pop().reshape(copies, r * width, -1)[:, part.edge_node.to(device)]
