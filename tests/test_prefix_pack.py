@@ -38,31 +38,33 @@ def tokenizer():
 
 
 def test_trie_layout_on_characters() -> None:
-    """'ab', 'ac', 'ab' and 'b' after the start token: nodes ^, ^a, ^ab, ^ac, ^b in one row,
-    each attending to exactly its ancestors and itself, at the position of its depth."""
+    """'abd', 'ac', 'ab' and 'bc' after the start token: only the nodes whose output predicts
+    a scored token, ^, ^a, ^ab and ^b, in one row (the last tokens are read by nothing), each
+    attending to exactly its ancestors and itself, at the position of its depth."""
     task = CausalLMTask(CharTokenizer())
-    probes = task.examples(["ab", "ac", "ab", "b"])
+    probes = task.examples(["abd", "ac", "ab", "bc"])
     pack = pack_probes(probes.tensors, pad_id=0, width=8)
     assert pack.input_ids.shape == (1, 8)
-    a, b, c = (2 + CharTokenizer.alphabet.index(x) for x in "abc")
-    assert pack.input_ids[0, :5].tolist() == [1, a, b, c, b]  # ^ a ab ac b, then padding
-    assert pack.position_ids[0, :5].tolist() == [0, 1, 2, 2, 1]
+    a, b, c, d = (2 + CharTokenizer.alphabet.index(x) for x in "abcd")
+    assert pack.input_ids[0, :4].tolist() == [1, a, b, b]  # ^ a ab b, then padding
+    assert (pack.input_ids[0, 4:] == 0).all()
+    assert pack.position_ids[0, :4].tolist() == [0, 1, 2, 1]
     allowed = pack.allowed[0].int()
-    assert allowed[:5, :5].tolist() == [
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0],
-        [1, 1, 0, 1, 0],
-        [1, 0, 0, 0, 1],
+    assert allowed[:4, :4].tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 0, 0, 1],
     ]
-    assert torch.equal(allowed[5:, 5:], torch.eye(3, dtype=torch.int))  # padding: self only
-    # edges: (predicting node, token); the shared ^->a edge is computed once, used 3 times
+    assert torch.equal(allowed[4:, 4:], torch.eye(4, dtype=torch.int))  # padding: self only
+    # edges: (context node, token); the shared ^->a edge is computed once, used 3 times
     edges = {
         (int(n), int(t)): pack.edge_use[e]
         for e, (n, t) in enumerate(zip(pack.edge_node, pack.edge_token, strict=True))
     }
-    assert set(edges) == {(0, a), (1, b), (1, c), (0, b)}
+    assert set(edges) == {(0, a), (1, b), (2, d), (1, c), (0, b), (3, c)}
     assert edges[(0, a)].tolist() == [1, 1, 1, 0] and edges[(1, b)].tolist() == [1, 0, 1, 0]
+    assert edges[(3, c)].tolist() == [0, 0, 0, 1]
 
 
 def test_rows_hold_at_most_width_nodes_and_split_the_trie() -> None:
@@ -146,3 +148,18 @@ def test_long_probes_are_measured_padded(tokenizer, monkeypatch):
     padded = EmpiricalInfluence(task, progress=False, **recipe).score(model, probes[:2], probes)
     assert not calls
     assert abs(packed.values - padded.values).max() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3, 512])
+def test_edge_log_probs_projects_each_context_once_in_blocks(rows):
+    """Edges read their context's log-softmax row whichever block of `rows` it falls in."""
+    from datafluence.finetune.prefix_pack import edge_log_probs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11)
+    hidden = torch.randn(7, 6)
+    context = torch.tensor([0, 0, 3, 6, 2, 6, 5, 1, 4])
+    tokens = torch.tensor([1, 2, 3, 10, 0, 10, 7, 9, 4])
+    want = torch.log_softmax(head(hidden), -1)[context, tokens]
+    got = edge_log_probs(head, hidden, context, tokens, rows=rows)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)

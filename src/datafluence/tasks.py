@@ -80,11 +80,18 @@ def picked_log_probs(logits: Tensor, ids: Tensor) -> Tensor:
     call the pass is memory-bound; blockwise the temporaries stay in cache, and the result
     is equal bit for bit, since every row is reduced alone.
     """
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = max(1, LOGSUMEXP_BLOCK // max(1, flat.shape[-1]))
-    lse = torch.cat([torch.logsumexp(b, dim=-1) for b in flat.split(rows)])
+    lse = row_logsumexp(logits.reshape(-1, logits.shape[-1]))
     picked = logits.gather(-1, ids[..., None])[..., 0]
     return picked - lse.view(picked.shape)
+
+
+def row_logsumexp(flat: Tensor) -> Tensor:
+    """logsumexp of each row of a 2-D tensor, in blocks of rows that stay in cache (equal bit
+    for bit to one `torch.logsumexp` call: every row is reduced alone)."""
+    rows = max(1, LOGSUMEXP_BLOCK // max(1, flat.shape[-1]))
+    if len(flat) <= rows:
+        return torch.logsumexp(flat, dim=-1)
+    return torch.cat([torch.logsumexp(b, dim=-1) for b in flat.split(rows)])
 
 
 @contextmanager

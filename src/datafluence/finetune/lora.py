@@ -170,7 +170,7 @@ class LoRAFinetuner:
 
         Causal LMs whose checks pass (`prefix_pack.packing_matches`, once per finetuner)
         measure the probes packed as prefix trees: shared prefixes and padding are not
-        computed (on the knowledge-domain probes, 480 row positions instead of 832); probes
+        computed (on the knowledge-domain probes, 384 row positions instead of 832); probes
         longer than `MAX_PACKED_LENGTH` tokens are not packed.
         Otherwise probes go through in order of length, so that each forward is cut to its
         own longest probe instead of the longest of all.

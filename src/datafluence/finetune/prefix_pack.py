@@ -7,10 +7,13 @@ trie, laid out in rows of a fixed width. A node attends to itself and its ancest
 4-D attention mask) at the position of its depth, which is exactly what it sees in its own
 sequence, so every node's hidden state equals that token's hidden state in each probe that
 contains it. A probe's log-probability is the sum, over the scored tokens on its path, of
-log p(token | parent node): one vocabulary projection per distinct (prefix, next token).
+log p(token | context node): one vocabulary projection per distinct context, however many
+tokens it predicts. Nodes that nothing reads (a probe's last token predicts nothing and is
+nobody's ancestor) are left out.
 
 On the 64 knowledge-domain probes of benchmarks/eif_lm_batched.py (601 tokens, 437
-distinct prefixes) the rows hold 480 positions, where right-padded rows hold 832.
+distinct prefixes, 373 of them read) the rows hold 384 positions, where right-padded rows
+hold 832; 378 contexts are projected for 439 scored (context, token) pairs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datafluence.tasks import CausalLMTask, eval_mode, picked_log_probs
+from datafluence.tasks import CausalLMTask, eval_mode, row_logsumexp
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class PackedProbes:
 
 WIDTHS = (32, 48, 64, 96, 128)  # row widths tried by pack_probes
 MAX_PACKED_LENGTH = 256  # longer probes are measured padded: [rows, 1, L, L] masks grow as L²
+HEAD_ROWS = 512  # positions per vocabulary projection: [512, V] logits
 ATTENTION_SCALE = 2048  # a row of width L costs about L * (1 + L / ATTENTION_SCALE) tokens
 
 
@@ -77,11 +81,16 @@ def pack_probes(
     ids, attention, target = (
         tensors[k].cpu() for k in ("input_ids", "attention_mask", "target_mask")
     )
-    lengths = attention.sum(1).tolist()
-    seqs = [tuple(ids[m, : lengths[m]].tolist()) for m in range(len(ids))]
     if bool(target[:, 0].any()):
         raise ValueError("a probe scores its first token, which no context predicts")
-    widths = {max(w, max(lengths)) for w in (WIDTHS if width is None else (width,))}
+    lengths = attention.sum(1).tolist()
+    scored = [[t for t in range(lengths[m]) if target[m, t]] for m in range(len(ids))]
+    tokens = [ids[m, : lengths[m]].tolist() for m in range(len(ids))]
+    # a node is needed only while something still reads it: the prefix before each scored
+    # token (its output predicts that token) and those prefixes' ancestors (keys and values)
+    seqs = [tuple(tokens[m][: max(scored[m], default=0)]) for m in range(len(ids))]
+    longest = max([1, *map(len, seqs)])
+    widths = {max(w, longest) for w in (WIDTHS if width is None else (width,))}
     packs = {w: _fill_rows(seqs, w) for w in widths}
     width = min(packs, key=lambda w: len(packs[w][0]) * w * (1 + w / ATTENTION_SCALE))
     rows, parents, node_of = packs[width]
@@ -97,30 +106,18 @@ def pack_probes(
             while ancestor >= 0:
                 allowed[r, pos, ancestor] = True
                 ancestor = parents[r][ancestor]
-    edges: dict[int, int] = {}  # flat node index of the predicted token -> edge number
+    edges: dict[tuple[int, int], int] = {}  # (flat index of the context node, token) -> edge
     uses: list[tuple[int, int]] = []
     for m, (r, *path) in node_of:
-        for t in range(1, len(path)):
-            if target[m, t]:
-                e = edges.setdefault(r * width + path[t], len(edges))
-                uses.append((e, m))
-    child = torch.tensor(list(edges), dtype=torch.long)
-    row, pos = child // width, child % width
-    parent_pos = torch.tensor(
-        [parents[r][p] for r, p in zip(row.tolist(), pos.tolist(), strict=True)], dtype=torch.long
-    )
+        for t in scored[m]:
+            e = edges.setdefault((r * width + path[t - 1], tokens[m][t]), len(edges))
+            uses.append((e, m))
     edge_use = torch.zeros(len(edges), len(seqs))
     if uses:
         e_idx, m_idx = zip(*uses, strict=True)
         edge_use[list(e_idx), list(m_idx)] = 1.0
-    return PackedProbes(
-        input_ids,
-        position_ids,
-        allowed,
-        row * width + parent_pos,
-        input_ids.flatten()[child],
-        edge_use,
-    )
+    node, token = (torch.tensor([k[i] for k in edges], dtype=torch.long) for i in (0, 1))
+    return PackedProbes(input_ids, position_ids, allowed, node, token, edge_use)
 
 
 def _fill_rows(
@@ -171,14 +168,19 @@ def head_inputs(model: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def edge_log_probs(head: nn.Module, hidden: Tensor, tokens: Tensor, rows: int = 256) -> Tensor:
-    """log softmax(head(hidden))[tokens] for hidden [E, d], in blocks of `rows` positions."""
+def edge_log_probs(
+    head: nn.Module, hidden: Tensor, context: Tensor, tokens: Tensor, rows: int = HEAD_ROWS
+) -> Tensor:
+    """log softmax(head(hidden[context]))[tokens] for hidden [H, d]: each of the H positions
+    is projected once however many edges leave it, in blocks of `rows` positions."""
     exact = torch.promote_types(head.weight.dtype, torch.float32)  # float64 stays float64
-    out = [
-        picked_log_probs(F.linear(h, head.weight, head.bias).to(exact), t)
-        for h, t in zip(hidden.split(rows), tokens.split(rows), strict=True)
-    ]
-    return torch.cat(out) if out else hidden.new_zeros(0)
+    out = hidden.new_empty(len(tokens), dtype=exact)
+    for lo in range(0, len(hidden), rows):
+        logits = F.linear(hidden[lo : lo + rows], head.weight, head.bias).to(exact)
+        inside = (context >= lo) & (context < lo + rows)
+        local = context[inside] - lo
+        out[inside] = logits[local, tokens[inside]] - row_logsumexp(logits)[local]
+    return out
 
 
 def plain_head(model: nn.Module) -> nn.Linear | None:
@@ -226,9 +228,16 @@ def measure_packed(
                 attention_mask=mask.to(device).repeat(copies, 1, 1, 1),
                 use_cache=False,
             )
-            hidden = seen.pop().reshape(copies, r * width, -1)[:, part.edge_node.to(device)]
-            tokens = part.edge_token.to(device).repeat(copies)
-            logp = edge_log_probs(head, hidden.reshape(-1, hidden.shape[-1]), tokens)
+            # each context node is projected once for all the edges that leave it
+            nodes, context = part.edge_node.to(device).unique(return_inverse=True)
+            hidden = seen.pop().reshape(copies, r * width, -1)[:, nodes]
+            shift = torch.arange(copies, device=device)[:, None] * len(nodes)
+            logp = edge_log_probs(
+                head,
+                hidden.reshape(-1, hidden.shape[-1]),
+                (context + shift).flatten(),
+                part.edge_token.to(device).repeat(copies),
+            )
             out += logp.view(copies, -1).double() @ part.edge_use.to(device, torch.float64)
     return out.exp() if task.measurement == "prob" else out
 
