@@ -1,13 +1,16 @@
-"""SGD and Adam(W) as pure functions on (stacked) parameter dicts.
+"""SGD and Adam(W) as functions on (stacked) parameter dicts.
 
 They follow torch.optim's update rules term by term so that N copies trained at once equal
-N copies trained one by one with the stock optimizers.
+N copies trained one by one with the stock optimizers. Adam(W) runs torch's fused kernel
+where it exists (CPU and CUDA): one pass over each tensor instead of a dozen elementwise
+ops, which on the LoRA engine's 39 M stacked adapter floats is most of a step's optimizer time.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from datafluence.finetune.recipe import FinetuneRecipe
@@ -27,7 +30,10 @@ def init_state(recipe: FinetuneRecipe, params: Params) -> dict[str, Params]:
 def step(
     recipe: FinetuneRecipe, params: Params, grads: Params, state: dict[str, Params], t: int
 ) -> Params:
-    """One update at step t (1-based); returns new params, updates `state` in place."""
+    """One update at step t (1-based); returns the new params and updates `state` in place.
+
+    The params given may be updated in place too (Adam's fused kernel): use the returned ones.
+    """
     if recipe.optimizer == "sgd":
         return _sgd(recipe, params, grads, state)
     return _adam(recipe, params, grads, state, t)
@@ -51,6 +57,8 @@ def _sgd(recipe: FinetuneRecipe, params: Params, grads: Params, state: dict[str,
 def _adam(
     recipe: FinetuneRecipe, params: Params, grads: Params, state: dict[str, Params], t: int
 ) -> Params:
+    if _fusable(params):
+        return _fused_adam(recipe, params, grads, state, t)
     beta1, beta2 = recipe.betas
     bias1 = 1 - beta1**t
     bias2_sqrt = math.sqrt(1 - beta2**t)
@@ -67,3 +75,39 @@ def _adam(
         denom = v.sqrt() / bias2_sqrt + recipe.eps
         out[name] = p - (recipe.lr / bias1) * m / denom
     return out
+
+
+def _fusable(params: Params) -> bool:
+    """torch's fused Adam takes contiguous float tensors on one CPU or CUDA device."""
+    devices = {(p.device, p.dtype) for p in params.values()}
+    if len(devices) != 1 or not all(p.is_contiguous() for p in params.values()):
+        return False
+    device, dtype = devices.pop()
+    return device.type in ("cpu", "cuda") and dtype in (torch.float32, torch.float64)
+
+
+def _fused_adam(
+    recipe: FinetuneRecipe, params: Params, grads: Params, state: dict[str, Params], t: int
+) -> Params:
+    """The same update as torch.optim.Adam(W)(fused=True), in place on params and state."""
+    names = list(params)
+    first = params[names[0]]
+    step = torch.tensor(float(t), device=first.device)  # the kernel reads t from a tensor
+    kernel = torch._fused_adamw_ if recipe.optimizer == "adamw" else torch._fused_adam_
+    beta1, beta2 = recipe.betas
+    kernel(
+        [params[n] for n in names],
+        [grads[n].contiguous() for n in names],  # the kernel reads every tensor as laid out
+        [state["m"][n] for n in names],
+        [state["v"][n] for n in names],
+        [],
+        [step] * len(names),
+        lr=recipe.lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=recipe.weight_decay,
+        eps=recipe.eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return params
