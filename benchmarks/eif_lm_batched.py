@@ -9,8 +9,9 @@ the best ratio such an engine can reach, however cheap its fine-tuning). It also
 float32 noise of the measurement itself (same weights, probes measured in one batch vs one
 at a time), the scale below which the two engines cannot be expected to agree, and the
 compute roofline (benchmarks/roofline.py): the N base-model forwards' FLOPs at this machine's
-peak matmul rate, each probe counted at its own length, the time no exact engine can beat
-here (roofline bound = naive / roofline).
+peak matmul rate, each probe counted alone at its own length, the time no engine that runs
+each probe as its own sequence can beat here (roofline bound = naive / roofline). Prefix
+packing shares prefixes between probes, so the batched engine's own FLOPs are below it.
 Run: `.venv/bin/python benchmarks/eif_lm_batched.py [--sizes 16,64 --steps 1,5]`.
 """
 
