@@ -28,6 +28,7 @@ from roofline import forward_flops, peak_gflops
 from datafluence.datasets.domains import available_domains, instantiate, load_domain
 from datafluence.experiments.knowledge_domains import LORA_TARGETS
 from datafluence.finetune import measure
+from datafluence.finetune.prefix_pack import pack_probes
 from datafluence.methods import EmpiricalInfluence
 from datafluence.models.language import load_causal_lm
 from datafluence.runtime import tune_allocator
@@ -78,6 +79,19 @@ def main() -> None:
     alone = torch.cat([measure(model, task, probes[i : i + 1].tensors) for i in range(len(probes))])
     layout_noise = float((together - alone).abs().max())
     print(f"measurement layout noise (same weights, batch {len(probes)} vs 1): {layout_noise:.1e}")
+    pack = pack_probes(probes.tensors, int(tokenizer.pad_token_id))
+    packing = {
+        "tokens": int(probes.tensors["attention_mask"].sum()),
+        "padded_positions": int(probes.tensors["attention_mask"].numel()),
+        "row_positions": int(pack.input_ids.numel()),
+        "projected_positions": int(pack.edge_node.unique().numel()),
+        "scored_edges": len(pack.edge_node),
+    }
+    print(
+        "prefix packing: {row_positions} row positions ({tokens} tokens, {padded_positions} "
+        "padded), {projected_positions} projected positions for {scored_edges} scored "
+        "(context, token) pairs".format(**packing)
+    )
     peak = peak_gflops()
     padded = forward_flops(lambda: measure(model, task, probes.tensors))
     # the roofline counts each probe at its own length: padding is work an engine can skip
@@ -150,6 +164,7 @@ def main() -> None:
             "lora_rank": args.lora_rank,
             "lora_targets": list(LORA_TARGETS),
             "measurement_layout_noise": layout_noise,
+            "packing": packing,
             "peak_gflops": round(peak, 1),
             "forward_gflop": round(flops / 1e9, 2),
             "forward_gflop_padded": round(padded / 1e9, 2),
