@@ -150,16 +150,18 @@ def test_long_probes_are_measured_padded(tokenizer, monkeypatch):
     assert abs(packed.values - padded.values).max() < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 3, 512])
-def test_edge_log_probs_projects_each_context_once_in_blocks(rows):
-    """Edges read their context's log-softmax row whichever block of `rows` it falls in."""
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 4), (512, 1024), (2, 11), (7, 5)])
+def test_edge_log_probs_projects_each_context_once_in_tiles(rows, vocab, bias):
+    """Edges read their context's log-softmax row whichever tile of `rows` positions x
+    `vocab` entries their context and token fall in."""
     from datafluence.finetune.prefix_pack import edge_log_probs
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(6, 11)
+    head = torch.nn.Linear(6, 11, bias=bias)
     hidden = torch.randn(7, 6)
     context = torch.tensor([0, 0, 3, 6, 2, 6, 5, 1, 4])
     tokens = torch.tensor([1, 2, 3, 10, 0, 10, 7, 9, 4])
     want = torch.log_softmax(head(hidden), -1)[context, tokens]
-    got = edge_log_probs(head, hidden, context, tokens, rows=rows)
+    got = edge_log_probs(head, hidden, context, tokens, rows=rows, vocab=vocab)
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datafluence.tasks import CausalLMTask, eval_mode, row_logsumexp
+from datafluence.tasks import CausalLMTask, eval_mode
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class PackedProbes:
 
 WIDTHS = (32, 48, 64, 96, 128)  # row widths tried by pack_probes
 MAX_PACKED_LENGTH = 256  # longer probes are measured padded: [rows, 1, L, L] masks grow as L²
-HEAD_ROWS = 512  # positions per vocabulary projection: [512, V] logits
+HEAD_ROWS = 512  # positions per tile of the vocabulary projection
+HEAD_VOCAB = 1024  # vocabulary entries per tile: [512, 1024] logits stay in cache
 CHECKED_PROBES = 4  # probes measured both ways by packing_matches, once per finetuner
 ATTENTION_SCALE = 2048  # a row of width L costs about L * (1 + L / ATTENTION_SCALE) tokens
 
@@ -171,17 +172,39 @@ def head_inputs(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def edge_log_probs(
-    head: nn.Module, hidden: Tensor, context: Tensor, tokens: Tensor, rows: int = HEAD_ROWS
+    head: nn.Module,
+    hidden: Tensor,
+    context: Tensor,
+    tokens: Tensor,
+    rows: int = HEAD_ROWS,
+    vocab: int = HEAD_VOCAB,
 ) -> Tensor:
     """log softmax(head(hidden[context]))[tokens] for hidden [H, d]: each of the H positions
-    is projected once however many edges leave it, in blocks of `rows` positions."""
+    is projected once however many edges leave it.
+
+    The projection runs in tiles of `rows` positions x `vocab` vocabulary entries, and each
+    tile's logsumexp is taken while it is in cache; the tiles' logsumexps are then combined.
+    One [512, 49152] matmul streams the whole 113 MB embedding matrix at about half of this
+    machine's peak rate, then the logsumexp reads its 100 MB of logits back: on SmolLM2 the
+    tiles take 0.33 s per 512 positions instead of 0.43 s (one-off script, 2 cores).
+    """
     exact = torch.promote_types(head.weight.dtype, torch.float32)  # float64 stays float64
+    weight, bias = head.weight, head.bias
     out = hidden.new_empty(len(tokens), dtype=exact)
     for lo in range(0, len(hidden), rows):
-        logits = F.linear(hidden[lo : lo + rows], head.weight, head.bias).to(exact)
+        block = hidden[lo : lo + rows]
         inside = (context >= lo) & (context < lo + rows)
-        local = context[inside] - lo
-        out[inside] = logits[local, tokens[inside]] - row_logsumexp(logits)[local]
+        local, wanted = context[inside] - lo, tokens[inside]
+        picked = torch.empty(len(local), dtype=exact, device=hidden.device)
+        parts = []
+        for v in range(0, weight.shape[0], vocab):
+            tile = F.linear(
+                block, weight[v : v + vocab], None if bias is None else bias[v : v + vocab]
+            ).to(exact)
+            parts.append(torch.logsumexp(tile, dim=-1))
+            here = (wanted >= v) & (wanted < v + vocab)
+            picked[here] = tile[local[here], wanted[here] - v]
+        out[inside] = picked - torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)[local]
     return out
 
 
