@@ -11,10 +11,9 @@ log p(token | context node): one vocabulary projection per distinct context, how
 tokens it predicts. Nodes that nothing reads (a probe's last token predicts nothing and is
 nobody's ancestor) are left out.
 
-On the 64 knowledge-domain probes of `benchmarks/eif_lm_batched.py --sizes 16` (601
-tokens, 437 distinct prefixes, 373 of them read) the rows hold 384 positions, where
-right-padded rows hold 832; 378 contexts are projected for 439 scored (context, token)
-pairs. The benchmark prints these counts for its probe set.
+On the 64 knowledge-domain probes of `benchmarks/eif_lm_batched.py` (556 tokens) the rows
+hold 384 positions, where right-padded rows hold 832; 351 contexts are projected for 407
+scored (context, token) pairs. The benchmark prints these counts for its probe set.
 """
 
 from __future__ import annotations
