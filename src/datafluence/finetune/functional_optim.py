@@ -40,17 +40,19 @@ def step(
 
 
 def _sgd(recipe: FinetuneRecipe, params: Params, grads: Params, state: dict[str, Params]) -> Params:
+    """torch.optim.SGD's arithmetic op for op (`add` with `alpha` is one pass and one
+    rounding), out of place: the params given are never written, so they may be views."""
     out = {}
     for name, p in params.items():
         d = grads[name]
         if recipe.weight_decay:
-            d = d + recipe.weight_decay * p
+            d = d.add(p, alpha=recipe.weight_decay)
         if recipe.momentum:
             buf = state["momentum"].get(name)
-            buf = d.clone() if buf is None else buf * recipe.momentum + d
+            buf = d.clone() if buf is None else buf.mul(recipe.momentum).add_(d)
             state["momentum"][name] = buf
             d = buf
-        out[name] = p - recipe.lr * d
+        out[name] = p.add(d, alpha=-recipe.lr)
     return out
 
 
