@@ -183,9 +183,9 @@ def edge_log_probs(
 
     The projection runs in tiles of `rows` positions x `vocab` vocabulary entries, and each
     tile's logsumexp is taken while it is in cache; the tiles' logsumexps are then combined.
-    One [512, 49152] matmul streams the whole 113 MB embedding matrix at about half of this
-    machine's peak rate, then the logsumexp reads its 100 MB of logits back: on SmolLM2 the
-    tiles take 0.33 s per 512 positions instead of 0.43 s (one-off script, 2 cores).
+    One [512, 49152] matmul streams the whole 113 MB embedding matrix well below this
+    machine's peak rate, then the logsumexp reads its 100 MB of logits back; on SmolLM2's
+    head the tiles are 1.6x faster (`benchmarks/vocab_projection.py`, 2 cores).
     """
     exact = torch.promote_types(head.weight.dtype, torch.float32)  # float64 stays float64
     weight, bias = head.weight, head.bias
