@@ -52,9 +52,8 @@ class BatchedFinetuner:
         index, weight = _pad_groups(groups, device=next(iter(self.base.values())).device)
         batch = {k: v[index] for k, v in train.tensors.items()}  # [C, g, ...]
         n = len(groups)
-        params = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in self.base.items()}
-        if self.recipe.optimizer != "sgd":  # SGD steps out of place; fused Adam in place
-            params = {k: v.clone() for k, v in params.items()}
+        # copies of their own: the optimizer steps write into them
+        params = {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in self.base.items()}
         state = functional_optim.init_state(self.recipe, params)
         grad_fn = vmap(grad_and_value(self._group_loss))
         with eval_mode(self.model):
@@ -68,7 +67,7 @@ class BatchedFinetuner:
                         f"{' and others' if len(bad) > 5 else ''}; lower the learning rate "
                         "or check those examples"
                     )
-                params = functional_optim.step(self.recipe, params, grads, state, t)
+                functional_optim.step(self.recipe, params, grads, state, t)
         return params
 
     @torch.no_grad()

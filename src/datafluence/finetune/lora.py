@@ -10,8 +10,6 @@ vmapped (they branch on tensor values).
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,40 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from datafluence.finetune import functional_optim
+from datafluence.finetune.adapter import LoRASpec
 from datafluence.finetune.prefix_pack import MAX_PACKED_LENGTH, measure_packed, packing_matches
 from datafluence.finetune.recipe import FinetuneRecipe
 from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
 
 Params = dict[str, Tensor]
-
-
-def lora_modules(model: nn.Module, patterns: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Target module names -> (d_in, d_out): nn.Linear and GPT-2's Conv1D whose names match."""
-    found: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        if isinstance(module, nn.Linear):
-            found[name] = (module.in_features, module.out_features)
-        elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: x @ W, W [in, out]
-            found[name] = tuple(module.weight.shape)  # type: ignore[assignment]
-    if not found:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(
-            f"no nn.Linear / Conv1D module name matches lora_targets={list(patterns)}; "
-            f"linear modules look like: {', '.join(linear)}"
-        )
-    return found
-
-
-def lora_init(recipe: FinetuneRecipe, dims: dict[str, tuple[int, int]]) -> Params:
-    """A fresh adapter's A matrices: Kaiming-uniform like nn.Linear/peft, from lora_seed."""
-    gen = torch.Generator().manual_seed(recipe.lora_seed)
-    out = {}
-    for name, (d_in, _) in dims.items():
-        bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a [r, d_in] weight
-        out[name] = (torch.rand(recipe.lora_rank, d_in, generator=gen) * 2 - 1) * bound
-    return out
 
 
 class LoRAFinetuner:
@@ -64,9 +34,8 @@ class LoRAFinetuner:
         self.model = model
         self.task = task
         self.recipe = recipe
-        self.dims = lora_modules(model, recipe.lora_targets)
-        self.init = lora_init(recipe, self.dims)
-        self.scale = recipe.lora_alpha / recipe.lora_rank
+        spec = LoRASpec.of(model, recipe)
+        self.dims, self.init, self.scale = spec.dims, spec.init, spec.scale
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._packing: bool | None = None  # prefix packing checked on first use
@@ -161,8 +130,8 @@ class LoRAFinetuner:
                     )
                 grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
                 grads = dict(zip(leaves, grads, strict=True))
-                params = functional_optim.step(self.recipe, params, grads, state, t)
-        return {k: v.detach() for k, v in params.items()}
+                functional_optim.step(self.recipe, params, grads, state, t)
+        return params
 
     @torch.no_grad()
     def measure(self, params: Params, probes: Examples, probe_chunk: int) -> Tensor:
@@ -198,37 +167,3 @@ def _by_length(tensors: dict[str, Tensor]) -> Tensor:
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     last = (mask.bool() * positions).amax(1)
     return torch.argsort(last.cpu(), stable=True)
-
-
-def peft_copy(
-    model: nn.Module, task: Task, recipe: FinetuneRecipe, batch: dict[str, Tensor], label: str = ""
-) -> nn.Module:
-    """The reference: a deep copy wrapped by peft's LoRA, trained with the stock optimizer."""
-    import copy
-
-    from datafluence.finetune.naive import train_steps
-
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the naive LoRA reference needs peft: pip install peft") from err
-    dims = lora_modules(model, recipe.lora_targets)
-    init = lora_init(recipe, dims)
-    config = LoraConfig(
-        r=recipe.lora_rank,
-        lora_alpha=recipe.lora_alpha,
-        target_modules=list(dims),
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=any(
-            type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n in dims
-        ),
-    )
-    tuned = get_peft_model(copy.deepcopy(model), config).eval()
-    for name, module in tuned.named_modules():
-        short = name.removeprefix("base_model.model.")
-        if short in dims and hasattr(module, "lora_A"):
-            module.lora_A["default"].weight.data.copy_(init[short])
-            module.lora_B["default"].weight.data.zero_()
-    params = [p for n, p in tuned.named_parameters() if "lora_" in n]
-    return train_steps(tuned, params, task, recipe, batch, label)

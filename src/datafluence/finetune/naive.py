@@ -1,6 +1,8 @@
 """The reference: copy the model, fine-tune it with a stock torch optimizer, measure.
 
-Slow (one example at a time) but obviously right; the batched engine is tested against it.
+Slow (one example at a time) but obviously right; the batched engines are tested against it.
+LoRA copies are wrapped by peft, an implementation independent of the multi-adapter engine:
+the two share only the adapter spec (`adapter.LoRASpec`), never training code.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from datafluence.finetune.adapter import LoRASpec
 from datafluence.finetune.recipe import FinetuneRecipe
 from datafluence.tasks import Task, eval_mode
 
@@ -24,13 +27,10 @@ def finetune_copy(
 ) -> nn.Module:
     """A fine-tuned deep copy of `model` after `recipe.steps` steps on `batch` (mean loss).
 
-    With LoRA in the recipe the copy is wrapped by peft, an implementation independent of
-    the batched multi-adapter engine.
+    With LoRA in the recipe the copy is wrapped by peft (`peft_copy`).
     """
     if recipe.lora_rank:
-        from datafluence.finetune.lora import peft_copy
-
-        return peft_copy(model, task, recipe, dict(batch), label)
+        return peft_copy(model, task, recipe, batch, label)
     tuned = copy.deepcopy(model).eval()
     names = set(recipe.trainable_names(tuned))
     params = []
@@ -38,6 +38,38 @@ def finetune_copy(
         p.requires_grad_(name in names)
         if name in names:
             params.append(p)
+    return train_steps(tuned, params, task, recipe, batch, label)
+
+
+def peft_copy(
+    model: nn.Module,
+    task: Task,
+    recipe: FinetuneRecipe,
+    batch: Mapping[str, Tensor],
+    label: str = "",
+) -> nn.Module:
+    """A deep copy wrapped by peft's LoRA, started from the spec's adapter, trained like
+    any other copy: the stock optimizer on the adapter's parameters only."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the naive LoRA reference needs peft: pip install peft") from err
+    spec = LoRASpec.of(model, recipe)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.dims),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=spec.conv1d,
+    )
+    tuned = get_peft_model(copy.deepcopy(model), config).eval()
+    for name, module in tuned.named_modules():
+        short = name.removeprefix("base_model.model.")
+        if short in spec.dims and hasattr(module, "lora_A"):
+            module.lora_A["default"].weight.data.copy_(spec.init[short])
+            module.lora_B["default"].weight.data.zero_()
+    params = [p for n, p in tuned.named_parameters() if "lora_" in n]
     return train_steps(tuned, params, task, recipe, batch, label)
 
 
