@@ -11,15 +11,18 @@ from torch.func import functional_call, grad, vmap
 from datafluence.simfluence import (
     LinearSimulator,
     NoChangeSimulator,
+    TracInCPSimulator,
     collect_runs,
     duplicate,
     effect_agreement,
     evaluate,
     gradient_dots,
     load_simulator,
+    load_tracin,
     make_simulator,
     random_curricula,
     rollout,
+    save_tracin,
     tracin_cp,
     train_curriculum,
 )
@@ -147,6 +150,19 @@ def test_saved_simulators_predict_and_score_like_the_fitted_ones(tmp_path) -> No
         LinearSimulator().save(tmp_path / "unfitted.npz")
     with pytest.raises(FileNotFoundError):
         load_simulator(tmp_path / "missing.npz")
+
+
+def test_saved_tracin_predicts_like_the_computed_one(tmp_path) -> None:
+    """Dot products, rates and checkpoint steps survive the trip; the ids come from the caller."""
+    rng = np.random.default_rng(0)
+    pool, test = [f"p{i}" for i in range(6)], ["z0", "z1"]
+    c = random_curricula(6, 1, 5, 2, seed=0)[0]
+    l0 = np.array([1.0, 2.0])
+    for lrs in (0.1, np.linspace(0.1, 0.02, 5)):  # one rate, or one per step
+        sim = TracInCPSimulator(rng.normal(size=(2, 6, 2)), lrs, pool, test, [0, 3])
+        back = load_tracin(save_tracin(sim, tmp_path / "tracin" / "dots.npz"), pool, test)
+        np.testing.assert_array_equal(back.predict(c, l0, pool), sim.predict(c, l0, pool))
+        assert back.checkpoint_steps.tolist() == [0, 3] and back.test_ids == tuple(test)
 
 
 def test_no_change_reference_and_effect_agreement() -> None:

@@ -9,12 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from datafluence.datasets import default_texts, read_domain_texts
 from datafluence.experiments.simfluence import (
     SimfluenceConfig,
     command,
     counterfactual_table,
-    default_texts,
-    read_texts,
     run,
     summary_table,
 )
@@ -151,7 +150,7 @@ def test_config_checks_and_lm_defaults(tmp_path) -> None:
     assert len({d for d, _ in texts}) == 6
     path = tmp_path / "texts.txt"
     path.write_text("a\tThe cat sat.\n\nPlain line here.\n")
-    assert read_texts(path) == [("a", "The cat sat."), ("all", "Plain line here.")]
+    assert read_domain_texts(path) == [("a", "The cat sat."), ("all", "Plain line here.")]
 
 
 def test_language_model_path_runs_on_a_tiny_local_llama(tmp_path) -> None:

@@ -41,52 +41,49 @@ from pathlib import Path
 from typing import Any
 
 import click
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
-
-from datafluence import store  # noqa: E402
-from datafluence.datasets import (  # noqa: E402
-    ImageSet,
-    load_fashion_mnist,
-    load_mnist_subset,
+from datafluence.datasets import (
+    IMAGE_DATASETS,
+    default_texts,
+    read_domain_texts,
+    split_images,
+    split_texts,
 )
-from datafluence.experiments._cli import cli_errors, comma_floats, comma_list  # noqa: E402
-from datafluence.models import TrainRecipe, evaluate_accuracy, train_classifier  # noqa: E402
-from datafluence.report.figures import _save as save_figure  # noqa: E402
-from datafluence.simfluence import (  # noqa: E402
+from datafluence.experiments._cli import cli_errors, comma_floats, comma_list
+from datafluence.report.simfluence_figures import (
+    plot_counterfactuals,
+    plot_final_losses,
+    plot_trajectories,
+)
+from datafluence.report.simfluence_tables import counterfactual_table, summary_table
+from datafluence.simfluence import (
+    NO_CHANGE,
     SIMULATORS,
+    TRACIN,
     NoChangeSimulator,
+    Setup,
     Simulator,
     TracInCPSimulator,
+    classifier_setup,
     collect_runs,
-    duplicate,
-    effect_agreement,
-    evaluate,
+    compare_counterfactuals,
+    counterfactual_edits,
+    evaluate_held_out,
+    linear_finding,
+    lm_setup,
     load_simulator,
+    load_tracin,
     make_simulator,
-    put_first,
-    put_last,
-    remove,
-    summarize,
+    save_tracin,
     tracin_cp,
-    train_curriculum,
 )
-from datafluence.store import RunDir  # noqa: E402
-from datafluence.tasks import CausalLMTask, ClassificationTask, Examples, Task  # noqa: E402
+from datafluence.store import RunDir
 
 CLASSIFIER = "mlp"
-DATASETS = ("mnist-subset", "fashion-mnist")
+DATASETS = IMAGE_DATASETS
 SIM_KINDS = tuple(SIMULATORS)  # additive, multiplicative, linear
-TRACIN = "tracin-cp"
-NO_CHANGE = "no-change"
-SUBSET_DIGITS = 1000
 
 
 @dataclass(frozen=True)
@@ -200,19 +197,6 @@ class SimfluenceConfig:
         return {k: v for k, v in out.items() if k not in unused}
 
 
-@dataclass
-class Setup:
-    """What the generic part of the experiment needs from a model family."""
-
-    task: Task
-    pool: Examples
-    test: Examples
-    make_model: Callable[[], nn.Module]  # the starting weights, freshly reset on every call
-    pool_groups: np.ndarray  # [N] group name of every pool example (class or domain)
-    test_groups: np.ndarray  # [M]
-    info: dict[str, Any]
-
-
 # ---------------------------------------------------------------------------- the experiment
 
 
@@ -268,11 +252,7 @@ def _run(
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()
-    setup = (
-        _lm_setup(config, rundir, progress)
-        if config.is_lm
-        else _classifier_setup(config, rundir, data_dir, progress)
-    )
+    setup = _setup(config, rundir, data_dir, progress)
     timings["setup"] = time.perf_counter() - tick
     log(
         f"pool {len(setup.pool)}, test {len(setup.test)}; start model: "
@@ -318,12 +298,29 @@ def _run(
     for kind in (*SIM_KINDS, TRACIN):
         simulators[kind].scores().save(rundir.path / "scores" / kind)
 
-    per_run = {k: evaluate(sim, held_c, held_l, pool_ids) for k, sim in simulators.items()}
-    evaluation = {k: summarize(table) for k, table in per_run.items()}
+    per_run, evaluation = evaluate_held_out(simulators, held_c, held_l, pool_ids)
 
     tick = time.perf_counter()
-    counterfactuals, edited = _counterfactuals(
-        rundir, setup, config, simulators, held_c[0], held_l[0]
+    edits = counterfactual_edits(
+        setup,
+        simulators["linear"],
+        held_c[0],
+        config.group,
+        top_fraction=config.top_fraction,
+        duplicate_k=config.duplicate_k,
+        seed=config.seed,
+    )
+    counterfactuals, edited = compare_counterfactuals(
+        rundir.path / "counterfactuals",
+        setup,
+        edits,
+        simulators,
+        held_c[0],
+        held_l[0],
+        lr=config.lr,
+        optimizer=config.optimizer,  # type: ignore[arg-type]
+        seed=config.seed,
+        run=config.runs,  # held-out run 0's index in the collection
     )
     timings["counterfactuals"] = time.perf_counter() - tick
 
@@ -349,15 +346,15 @@ def _run(
         "evaluation_per_run": {
             k: table.drop(columns="run").to_dict(orient="list") for k, table in per_run.items()
         },
-        "finding": _finding(evaluation),
+        "finding": linear_finding(evaluation),
         "counterfactuals": counterfactuals,
     }
 
     tick = time.perf_counter()
     figures = rundir.figures
-    _plot_trajectories(simulators, held_c[0], held_l[0], pool_ids, test_ids, figures)
-    _plot_final_losses(simulators, held_c, held_l, pool_ids, evaluation, figures)
-    _plot_counterfactuals(edited, simulators["linear"], held_c[0], held_l[0], pool_ids, figures)
+    plot_trajectories(simulators, held_c[0], held_l[0], pool_ids, test_ids, figures)
+    plot_final_losses(simulators, held_c, held_l, pool_ids, evaluation, figures)
+    plot_counterfactuals(edited, simulators["linear"], held_c[0], held_l[0], pool_ids, figures)
     timings["figures"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -369,6 +366,47 @@ def _run(
     return metrics
 
 
+def _setup(
+    config: SimfluenceConfig, rundir: RunDir, data_dir: str | Path | None, progress: bool
+) -> Setup:
+    """The model family's data split and start model; the start is saved in the run."""
+    start_path = rundir.path / "model.safetensors"
+    if config.is_lm:
+        items = read_domain_texts(config.texts) if config.texts else default_texts()
+        chosen, ids = split_texts(items, config.pool_size, config.test_size, config.seed)
+        return lm_setup(
+            config.model,
+            chosen,
+            ids,
+            pool_size=config.pool_size,
+            lora_rank=config.lora_rank,
+            lora_targets=config.lora_targets,
+            seed=config.seed,
+            start_path=start_path,
+            source=config.texts or "built-in knowledge-domain sentences",
+            progress=progress,
+        )
+    pre, pool, test = split_images(
+        config.dataset,
+        config.pretrain_size,
+        config.pool_size,
+        config.test_size,
+        config.seed,
+        data_dir,
+    )
+    return classifier_setup(
+        pre,
+        pool,
+        test,
+        hidden=config.hidden,
+        pretrain_epochs=config.pretrain_epochs,
+        seed=config.seed,
+        start_path=start_path,
+        dataset=config.dataset,
+        progress=progress,
+    )
+
+
 def _fitted(
     rundir: RunDir,
     kind: str,
@@ -378,6 +416,7 @@ def _fitted(
     pool_ids: tuple[str, ...],
     test_ids: tuple[str, ...],
 ) -> Simulator:
+    """The `kind` simulator fitted on the training runs (saved, resumable)."""
     path = rundir.path / "simulators" / f"{kind}.npz"
     if path.exists():
         return load_simulator(path)
@@ -394,14 +433,7 @@ def _tracin(
     """TracIn-CP from every `tracin_every`-th checkpoint of training run 0 (saved, resumable)."""
     path = rundir.path / "tracin" / "dots.npz"
     if path.exists():
-        with np.load(path) as saved:
-            return TracInCPSimulator(
-                saved["dots"],
-                float(saved["lr"]),
-                setup.pool.ids,
-                setup.test.ids,
-                saved["checkpoint_steps"],
-            )
+        return load_tracin(path, setup.pool.ids, setup.test.ids)
     sim = tracin_cp(
         setup.make_model,
         setup.pool,
@@ -415,598 +447,8 @@ def _tracin(
         every=config.tracin_every,
         progress=progress,
     )
-    with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, dots=sim.dots, lr=sim.lrs, checkpoint_steps=sim.checkpoint_steps)
+    save_tracin(sim, path)
     return sim
-
-
-def _edits(
-    setup: Setup, config: SimfluenceConfig, linear: Simulator, base: np.ndarray
-) -> dict[str, dict[str, Any]]:
-    """The counterfactual curricula: name -> curriculum, what it does, whose loss it targets."""
-    n = len(setup.pool)
-    group = np.flatnonzero(setup.pool_groups == config.group)
-    if group.size == 0:
-        raise ValueError(
-            f"no pool example is in group {config.group!r}; choose one of "
-            f"{sorted(set(setup.pool_groups.tolist()))} (--group)"
-        )
-    everyone = np.arange(len(setup.test))
-    focus = np.flatnonzero(setup.test_groups == config.group)
-    focus = focus if focus.size else everyone  # no test example in the group: watch them all
-    helpful = np.asarray(linear.scores().values, dtype=np.float64).mean(axis=1)
-    order = np.argsort(-helpful, kind="stable")
-    top = order[: max(1, round(config.top_fraction * n))]
-    best = int(order[0])
-    g = config.group
-    return {
-        f"remove group {g}": dict(
-            curriculum=remove(base, group, n, seed=config.seed),
-            focus=focus,
-            edit=f"every pool example of group {g} ({group.size}) replaced by random others",
-        ),
-        f"group {g} first": dict(
-            curriculum=put_first(base, group),
-            focus=focus,
-            edit=f"the run's examples of group {g} moved to its first steps",
-        ),
-        f"group {g} last": dict(
-            curriculum=put_last(base, group),
-            focus=focus,
-            edit=f"the run's examples of group {g} moved to its last steps",
-        ),
-        f"duplicate best x{config.duplicate_k}": dict(
-            curriculum=duplicate(base, best, config.duplicate_k, seed=config.seed),
-            focus=everyone,
-            edit=f"{config.duplicate_k} extra copies of {setup.pool.ids[best]}, the example the "
-            "linear simulator finds most helpful on average",
-        ),
-        f"remove top {top.size}": dict(
-            curriculum=remove(base, top, n, seed=config.seed),
-            focus=everyone,
-            edit=f"the {top.size} examples the linear simulator finds most helpful replaced by "
-            "random others",
-        ),
-    }
-
-
-def _counterfactuals(
-    rundir: RunDir,
-    setup: Setup,
-    config: SimfluenceConfig,
-    simulators: dict[str, Any],
-    base: np.ndarray,
-    base_losses: np.ndarray,
-) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Train each edited curriculum for real and compare it with every simulator's answer.
-
-    The base is held-out run 0 (its real losses are known); an edit is trained exactly as
-    that run was (same start, same seed), so the only difference is the curriculum.
-    Returns the metrics per edit and, per edit, its curriculum, real losses and focus.
-    """
-    base_run = config.runs  # held-out run 0's index in the collection
-    pool_ids = setup.pool.ids
-    out: dict[str, Any] = {}
-    runs: dict[str, dict[str, np.ndarray]] = {}
-    for name, spec in _edits(setup, config, simulators["linear"], base).items():
-        path = rundir.path / "counterfactuals" / f"{name.replace(' ', '_')}.npz"
-        curriculum = spec["curriculum"]
-        real = None
-        if path.exists():
-            with np.load(path) as saved:
-                if np.array_equal(saved["curriculum"], curriculum):
-                    real = saved["losses"]
-        if real is None:
-            real = train_curriculum(
-                setup.make_model,
-                setup.pool,
-                setup.test,
-                setup.task,
-                curriculum,
-                config.lr,
-                optimizer=config.optimizer,  # type: ignore[arg-type]
-                seed=config.seed,
-                run=base_run,
-            )
-            with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, curriculum=curriculum, losses=real)
-        entry: dict[str, Any] = {
-            "edit": spec["edit"],
-            "focus_test_examples": int(len(spec["focus"])),
-            "slots_changed": int((curriculum != base).sum()),
-        }
-        for kind, sim in simulators.items():
-            if kind == NO_CHANGE:
-                continue
-            predicted = sim.predict(curriculum, base_losses[0], pool_ids)
-            predicted_base = sim.predict(base, base_losses[0], pool_ids)
-            entry[kind] = effect_agreement(
-                predicted, predicted_base, real, base_losses, spec["focus"]
-            )
-        out[name] = entry
-        runs[name] = {"curriculum": curriculum, "losses": real, "focus": spec["focus"]}
-    return out, runs
-
-
-def _finding(evaluation: dict[str, dict[str, float]]) -> dict[str, bool]:
-    """The seed's claim: the linear simulator beats additive and TracIn on both metrics."""
-    lin = evaluation["linear"]
-    out = {}
-    for other in ("additive", TRACIN):
-        rival = evaluation[other]
-        out[f"linear_lower_mse_than_{other}"] = bool(
-            lin["mse_all_steps_mean"] < rival["mse_all_steps_mean"]
-        )
-        out[f"linear_higher_spearman_than_{other}"] = bool(
-            lin["spearman_final_mean"] > rival["spearman_final_mean"]
-        )
-    out["linear_beats_additive_and_tracin_on_both"] = all(out.values())
-    return out
-
-
-def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """One row per simulator: held-out all-steps MSE and final-step Spearman, mean ± std."""
-    rows = []
-    for kind, m in metrics["evaluation"].items():
-        rows.append(
-            {
-                "simulator": kind,
-                "all-steps MSE": _pm(m["mse_all_steps_mean"], m["mse_all_steps_std"]),
-                "final-step Spearman": _pm(m["spearman_final_mean"], m["spearman_final_std"]),
-                "λ": f"{metrics['lambda'][kind]:g}" if kind in metrics["lambda"] else "-",
-                "held-out runs": int(m["n_runs"]),
-            }
-        )
-    return pd.DataFrame(rows).set_index("simulator")
-
-
-def counterfactual_table(metrics: dict[str, Any], kind: str = "linear") -> pd.DataFrame:
-    """One row per counterfactual curriculum: the `kind` simulator against real training."""
-    rows = []
-    for name, entry in metrics["counterfactuals"].items():
-        m = entry[kind]
-        rows.append(
-            {
-                "edit": name,
-                "MSE": m["mse_all_steps"],
-                "Spearman L_T": m["spearman_final"],
-                "effect r": m["effect_pearson"],
-                "effect ρ L_T": m["effect_spearman_final"],
-                "real ΔL_T": m["real_effect_final"],
-                "predicted ΔL_T": m["predicted_effect_final"],
-                "(TracIn effect r)": entry[TRACIN]["effect_pearson"],
-            }
-        )
-    table = pd.DataFrame(rows).set_index("edit").round(4)
-    table.index.name = f"edit ({kind} simulator vs real training)"
-    return table
-
-
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.4g} ± {std:.2g}" if np.isfinite(std) else f"{mean:.4g}"
-
-
-# ---------------------------------------------------------------------------- classifier path
-
-
-def _mlp(hidden: int, n_in: int = 28 * 28, n_classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
-    )
-
-
-def _split_images(
-    config: SimfluenceConfig, data_dir: str | Path | None
-) -> tuple[ImageSet, ImageSet, ImageSet]:
-    """(pre-training, pool, test): disjoint random draws, fixed by the seed."""
-    rng = np.random.default_rng([config.seed, 7])
-    if config.dataset == "mnist-subset":
-        digits = load_mnist_subset()
-        need = config.pretrain_size + config.pool_size + config.test_size
-        if need > len(digits):
-            raise ValueError(
-                f"pretrain_size + pool_size + test_size = {need} but the bundled subset holds "
-                f"{len(digits)} digits; make them smaller or use --dataset fashion-mnist"
-            )
-        perm = rng.permutation(len(digits))
-        a, b = config.pretrain_size, config.pretrain_size + config.pool_size
-        return digits.subset(perm[:a]), digits.subset(perm[a:b]), digits.subset(perm[b:need])
-    train = load_fashion_mnist("train", data_dir=data_dir)
-    test = load_fashion_mnist("test", data_dir=data_dir)
-    if config.pretrain_size + config.pool_size > len(train) or config.test_size > len(test):
-        raise ValueError(
-            f"Fashion-MNIST has {len(train)} training and {len(test)} test images; ask for fewer"
-        )
-    perm = rng.permutation(len(train))
-    a, b = config.pretrain_size, config.pretrain_size + config.pool_size
-    test_perm = rng.permutation(len(test))[: config.test_size]
-    return train.subset(perm[:a]), train.subset(perm[a:b]), test.subset(test_perm)
-
-
-def _classifier_setup(
-    config: SimfluenceConfig, rundir: RunDir, data_dir: str | Path | None, progress: bool
-) -> Setup:
-    pre, pool_set, test_set = _split_images(config, data_dir)
-    task = ClassificationTask(num_classes=len(pool_set.classes))
-    side = int(np.prod(pool_set.images.shape[1:]))
-
-    def build() -> nn.Module:
-        return _mlp(config.hidden, side, len(pool_set.classes))
-
-    path = rundir.path / "model.safetensors"
-    if path.exists():
-        start = load_file(path)
-    else:
-
-        def seeded() -> nn.Module:  # train_classifier seeds only after building the model
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                return build()
-
-        model, _ = train_classifier(
-            seeded,
-            pre.images,
-            pre.labels,
-            TrainRecipe(epochs=config.pretrain_epochs, batch_size=32, lr=1e-3, seed=config.seed),
-            name="simfluence-mlp",
-            data_key="",
-            use_cache=False,
-            progress=progress,
-        )
-        start = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with store.atomic_path(path) as tmp:
-            save_file(start, str(tmp))
-
-    def make_model() -> nn.Module:
-        model = build()
-        model.load_state_dict(start)
-        return model
-
-    start_model = make_model()
-    classes = np.array([str(int(y)) for y in range(len(pool_set.classes))])
-    return Setup(
-        task=task,
-        pool=task.examples(pool_set.images, pool_set.labels, pool_set.ids),
-        test=task.examples(test_set.images, test_set.labels, test_set.ids),
-        make_model=make_model,
-        pool_groups=classes[pool_set.labels.numpy()],
-        test_groups=classes[test_set.labels.numpy()],
-        info={
-            "model": f"MLP {side}-{config.hidden}-{len(pool_set.classes)}",
-            "dataset": config.dataset,
-            "pretrained_on": len(pre),
-            "test_accuracy": evaluate_accuracy(start_model, test_set.images, test_set.labels),
-        },
-    )
-
-
-# ---------------------------------------------------------------------------- language-model path
-
-# Short sentences about fictional entities, so the facts are new to any pretrained model:
-# training on a domain's sentences should lower the loss of that domain's test sentences.
-_DOMAINS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "astronomy": (
-        ("Velmora", "Tharsis Minor", "Oskelion", "Brenna-9", "Quillon", "Astrevar"),
-        (
-            "The planet {s} has {v} moons.",
-            "Astronomers found that {s} orbits a {v} star.",
-            "A year on {s} lasts {v} days.",
-            "The surface of {s} is covered in {v}.",
-        ),
-        ("three", "red dwarf", "four hundred", "blue ice", "seven", "white", "ninety", "dust"),
-    ),
-    "botany": (
-        (
-            "the silverleaf fern",
-            "the dusk orchid",
-            "marrowvine",
-            "the glass tulip",
-            "emberroot",
-            "the salt lily",
-        ),
-        (
-            "Gardeners know that {s} flowers only in {v}.",
-            "The seeds of {s} are carried by {v}.",
-            "{s} grows best in {v} soil.",
-            "The leaves of {s} turn {v} in autumn.",
-        ),
-        ("early spring", "the wind", "sandy", "purple", "midwinter", "river water", "clay", "gold"),
-    ),
-    "geography": (
-        ("Varnholt", "Teskara", "Ombrel", "the Lirran Valley", "Kestwick", "Port Sable"),
-        (
-            "{s} lies on the shore of the {v}.",
-            "The main export of {s} is {v}.",
-            "Most people in {s} speak {v}.",
-            "The river that runs through {s} is called the {v}.",
-        ),
-        (
-            "Grey Sea",
-            "copper",
-            "Teskaran",
-            "Amberflow",
-            "Northern Gulf",
-            "wool",
-            "Old Ombric",
-            "Silverrun",
-        ),
-    ),
-    "chemistry": (
-        ("norvium", "calistrate", "the compound zephyrol", "brannic acid", "lumenite", "tessaline"),
-        (
-            "When heated, {s} turns {v}.",
-            "Chemists store {s} in {v} containers.",
-            "{s} melts at {v} degrees.",
-            "Mixed with water, {s} releases {v}.",
-        ),
-        (
-            "bright green",
-            "glass",
-            "two hundred",
-            "a sweet smell",
-            "black",
-            "lead",
-            "forty",
-            "bubbles",
-        ),
-    ),
-    "music": (
-        (
-            "the marrowharp",
-            "the Kestrel Quartet",
-            "the song Lantern Road",
-            "the dulcivox",
-            "the composer Ilse Varro",
-            "the tidehorn",
-        ),
-        (
-            "{s} is usually played in {v}.",
-            "Critics praised {s} for its {v} sound.",
-            "{s} became famous in the city of {v}.",
-            "Students learn {s} by practising {v}.",
-        ),
-        (
-            "minor keys",
-            "warm",
-            "Varnholt",
-            "scales",
-            "summer festivals",
-            "hollow",
-            "Teskara",
-            "slow airs",
-        ),
-    ),
-    "zoology": (
-        (
-            "the ridgeback otter",
-            "the lantern moth",
-            "the grey kestrak",
-            "the stone newt",
-            "the marsh gazelle",
-            "the ember finch",
-        ),
-        (
-            "{s} feeds mostly on {v}.",
-            "{s} builds its nest from {v}.",
-            "A grown {s} weighs about {v}.",
-            "{s} is most active during the {v}.",
-        ),
-        ("snails", "reeds", "two kilograms", "night", "berries", "mud", "forty grams", "dawn"),
-    ),
-}
-
-
-def default_texts() -> list[tuple[str, str]]:
-    """(domain, sentence) pairs: 6 domains x 6 entities x 4 facts = 144 short sentences."""
-    out = []
-    for domain, (subjects, templates, values) in _DOMAINS.items():
-        for i, subject in enumerate(subjects):
-            for j, template in enumerate(templates):
-                text = template.format(s=subject, v=values[(i + 2 * j) % len(values)])
-                out.append((domain, text[0].upper() + text[1:]))
-    return out
-
-
-def read_texts(path: str | Path) -> list[tuple[str, str]]:
-    """One example per line: `domain<TAB>text`, or just `text` (domain "all"); blanks skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} not found; give one text per line")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        domain, _, text = line.partition("\t") if "\t" in line else ("all", "", line)
-        out.append((domain.strip(), text.strip()))
-    return out
-
-
-def _lm_setup(config: SimfluenceConfig, rundir: RunDir, progress: bool) -> Setup:
-    """LoRA adapters on a causal LM; pool and test are disjoint random draws of the texts."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise ImportError(
-            "the language-model path needs peft: `pip install peft` (or use --model mlp)"
-        ) from err
-    from datafluence.models.language import load_causal_lm
-
-    items = read_texts(config.texts) if config.texts else default_texts()
-    need = config.pool_size + config.test_size
-    if need > len(items):
-        raise ValueError(
-            f"pool_size + test_size = {need} but only {len(items)} texts are available; ask for "
-            "fewer or pass a longer --texts file"
-        )
-    perm = np.random.default_rng([config.seed, 7]).permutation(len(items))
-    chosen = [items[i] for i in perm[:need]]
-    base, tokenizer = load_causal_lm(config.model, progress=progress)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    task = CausalLMTask(tokenizer)
-    texts = [t for _, t in chosen]
-    ids = [f"text-{int(i)}" for i in perm[:need]]
-    examples = task.examples(texts, ids)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=2 * config.lora_rank,
-            target_modules=list(config.lora_targets),
-            lora_dropout=0.0,
-        )
-        model = get_peft_model(base, lora)
-    path = rundir.path / "model.safetensors"  # the adapters' starting weights
-    if path.exists():
-        start = load_file(path)
-    else:
-        start = {
-            k: v.detach().clone().contiguous()
-            for k, v in model.state_dict().items()
-            if "lora_" in k
-        }
-        with store.atomic_path(path) as tmp:
-            save_file(start, str(tmp))
-
-    def make_model() -> nn.Module:
-        # One model object: every call resets its adapters to the start (the base is frozen).
-        model.load_state_dict(start, strict=False)
-        return model
-
-    groups = np.array([d for d, _ in chosen])
-    n = config.pool_size
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Setup(
-        task=task,
-        pool=examples[:n],
-        test=examples[n:],
-        make_model=make_model,
-        pool_groups=groups[:n],
-        test_groups=groups[n:],
-        info={
-            "model": f"{config.model} + LoRA r={config.lora_rank} on {','.join(config.lora_targets)}",
-            "trainable_parameters": trainable,
-            "texts": config.texts or "built-in knowledge-domain sentences",
-        },
-    )
-
-
-# ---------------------------------------------------------------------------- figures
-
-_STYLE = {
-    "linear": dict(color="C0"),
-    "additive": dict(color="C1"),
-    "multiplicative": dict(color="C2"),
-    TRACIN: dict(color="C3", linestyle="--"),
-}
-
-
-def _plot_trajectories(
-    simulators: dict[str, Any],
-    curriculum: np.ndarray,
-    real: np.ndarray,
-    pool_ids: tuple[str, ...],
-    test_ids: tuple[str, ...],
-    folder: Path,
-    n_examples: int = 6,
-) -> Path:
-    """Held-out run 0: real vs simulated loss of test examples spread over how much they moved."""
-    change = real[-1] - real[0]
-    order = np.argsort(change, kind="stable")
-    picks = order[
-        np.unique(np.linspace(0, len(order) - 1, min(n_examples, len(order))).round().astype(int))
-    ]
-    cols = 3
-    rows = -(-len(picks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    steps = np.arange(real.shape[0])
-    predicted = {k: simulators[k].predict(curriculum, real[0], pool_ids) for k in _STYLE}
-    for ax, z in zip(axes.flat, picks, strict=False):
-        ax.plot(steps, real[:, z], color="black", linewidth=2.2, label="real")
-        for kind, style in _STYLE.items():
-            ax.plot(steps, predicted[kind][:, z], linewidth=1.2, label=kind, **style)
-        low, high = real[:, z].min(), real[:, z].max()
-        pad = 0.5 * (high - low) + 0.1
-        ax.set_ylim(min(0.0, low - pad), high + pad)  # keep a diverging roll-out from hiding it
-        ax.set_title(f"{test_ids[z]}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("test loss")
-    for ax in list(axes.flat)[len(picks) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Held-out run: real vs simulated loss trajectories (rolled out from L_0)")
-    fig.tight_layout()
-    return save_figure(fig, folder / "trajectories.png")
-
-
-def _plot_final_losses(
-    simulators: dict[str, Any],
-    curricula: np.ndarray,
-    real: np.ndarray,
-    pool_ids: tuple[str, ...],
-    evaluation: dict[str, dict[str, float]],
-    folder: Path,
-) -> Path:
-    """Predicted vs real final loss of every test example in every held-out run."""
-    kinds = list(_STYLE)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.8 * len(kinds), 3.8), squeeze=False)
-    truth = real[:, -1].ravel()
-    low, high = float(truth.min()), float(truth.max())
-    pad = 0.1 * (high - low) + 0.05
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        pred = simulators[kind].predict(curricula, real[:, 0], pool_ids)[:, -1].ravel()
-        ax.scatter(
-            truth,
-            np.clip(pred, low - 4 * pad, high + 4 * pad),
-            s=6,
-            alpha=0.5,
-            color=_STYLE[kind]["color"],
-        )
-        ax.plot([low, high], [low, high], color="grey", linewidth=0.8)
-        ax.set_xlim(low - pad, high + pad)
-        ax.set_ylim(low - 4 * pad, high + 4 * pad)
-        m = evaluation[kind]
-        ax.set_title(
-            f"{kind}\nSpearman {m['spearman_final_mean']:.3f}, MSE {m['mse_all_steps_mean']:.3g}",
-            fontsize=9,
-        )
-        ax.set_xlabel("real final loss")
-        ax.set_ylabel("predicted final loss (clipped)")
-    fig.suptitle("Final losses of the test examples on held-out runs")
-    fig.tight_layout()
-    return save_figure(fig, folder / "final_losses.png")
-
-
-def _plot_counterfactuals(
-    edited: dict[str, dict[str, np.ndarray]],
-    linear: Simulator,
-    base: np.ndarray,
-    base_losses: np.ndarray,
-    pool_ids: tuple[str, ...],
-    folder: Path,
-) -> Path:
-    """Per edit: mean loss of its targeted test examples, real vs linear simulator."""
-    fig, axes = plt.subplots(1, len(edited), figsize=(3.6 * len(edited), 3.4), squeeze=False)
-    pred_base = linear.predict(base, base_losses[0], pool_ids)
-    steps = np.arange(base_losses.shape[0])
-    for ax, (name, cf) in zip(axes[0], edited.items(), strict=True):
-        pred = linear.predict(cf["curriculum"], base_losses[0], pool_ids)
-        focus = cf["focus"]
-        ax.plot(steps, base_losses[:, focus].mean(1), color="grey", label="real, original")
-        ax.plot(
-            steps, cf["losses"][:, focus].mean(1), color="black", linewidth=2, label="real, edited"
-        )
-        ax.plot(
-            steps, pred_base[:, focus].mean(1), color="C0", linestyle=":", label="linear, original"
-        )
-        ax.plot(steps, pred[:, focus].mean(1), color="C0", linestyle="--", label="linear, edited")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean loss of the targeted test examples")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Counterfactual curricula: really trained vs predicted by the linear simulator")
-    fig.tight_layout()
-    return save_figure(fig, folder / "counterfactuals.png")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -1106,12 +548,9 @@ def command(
 
 
 __all__ = [
-    "Setup",
     "SimfluenceConfig",
     "command",
     "counterfactual_table",
-    "default_texts",
-    "read_texts",
     "run",
     "summary_table",
 ]

@@ -4,12 +4,14 @@ TracIn (Pruthi et al., 2020) says a step on batch c_t moves test loss z by
 −lr_t Σ_{i∈c_t} ⟨∇L_i(θ_t), ∇L_z(θ_t)⟩ (first order, plain SGD). `tracin_cp` trains one
 reference curriculum, takes the per-example gradients of every pool and test example at
 its checkpoints (`datafluence.gradients`, module hooks), and returns the additive
-`TracInCPSimulator` that rolls those dot products out on any curriculum.
+`TracInCPSimulator` that rolls those dot products out on any curriculum; `save_tracin` and
+`load_tracin` keep its dot products, the costly part, across interrupted experiments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from datafluence import store
 from datafluence.gradients import ParamSpace, gradient_factors, resolve_layers
 from datafluence.gradients.capture import all_factors, chunks
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
@@ -135,3 +138,24 @@ def tracin_cp(
     finally:
         bar.close()
     return TracInCPSimulator(dots, lr / b, pool.ids, test.ids, checkpoints)
+
+
+def save_tracin(sim: TracInCPSimulator, path: str | Path) -> Path:
+    """Write `sim`'s dot products, learning rates and checkpoint steps to `path` (.npz).
+
+    The ids are not stored: they belong to the pool and test set, which the caller has.
+    """
+    path = Path(path)
+    with store.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, dots=sim.dots, lr=sim.lrs, checkpoint_steps=sim.checkpoint_steps)
+    return path
+
+
+def load_tracin(
+    path: str | Path, pool_ids: Sequence[str], test_ids: Sequence[str]
+) -> TracInCPSimulator:
+    """The simulator `save_tracin` wrote to `path`, keyed by the given pool and test ids."""
+    with np.load(path) as saved:
+        lr = saved["lr"]
+        lrs = float(lr) if lr.ndim == 0 else lr  # one rate, or one per step
+        return TracInCPSimulator(saved["dots"], lrs, pool_ids, test_ids, saved["checkpoint_steps"])
