@@ -50,14 +50,14 @@ from datafluence.curvature.fisher import fisher_passes
 from datafluence.datasets import load_mnist_subset
 from datafluence.gradients.capture import gradient_factors
 from datafluence.gradients.space import ParamSpace
-from datafluence.groundtruth import RegressionTask, Trainer
+from datafluence.groundtruth import Trainer
 from datafluence.methods import GradientSimilarity, InfluenceFunction
 from datafluence.methods.pbrf import PBRF
 from datafluence.metrics.attribution import pbrf_agreement
 from datafluence.runtime import tune_allocator
 from datafluence.scores import Scores
 from datafluence.store import atomic_write_json
-from datafluence.tasks import ClassificationTask, Examples, Task
+from datafluence.tasks import ClassificationTask, Examples, RegressionTask, Task
 
 METHODS = ("ekfac", "kfac", "lissa", "cg", "explicit", "grad-dot")
 

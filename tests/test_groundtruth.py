@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from datafluence.groundtruth import (
-    RegressionTask,
     SubsetRetraining,
     Trainer,
     init_model,
@@ -19,7 +18,7 @@ from datafluence.groundtruth import (
 )
 from datafluence.methods.influence import InfluenceFunction
 from datafluence.metrics.attribution import lds, loo_correlation
-from datafluence.tasks import ClassificationTask
+from datafluence.tasks import ClassificationTask, RegressionTask
 
 L2 = 0.05
 

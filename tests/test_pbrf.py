@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from datafluence.groundtruth import RegressionTask
 from datafluence.methods.influence import InfluenceFunction
 from datafluence.methods.pbrf import PBRF, _Problem
 from datafluence.store import RunDir
-from datafluence.tasks import ClassificationTask, Examples
+from datafluence.tasks import ClassificationTask, Examples, RegressionTask
 
 LAMBDA = 0.05
 

@@ -318,3 +318,47 @@ def test_gradient_method_partitions_of_other_data_with_same_ids_are_not_reused(t
     on_b = method.score(model, b, q, run=run)
     fresh = method.score(model, b, q)
     np.testing.assert_array_equal(on_b.values, fresh.values)
+
+
+# --- fingerprints ------------------------------------------------------------------------
+
+
+def _examples(ids=("a", "b", "c"), x=None, **extra):
+    from datafluence.tasks import Examples
+
+    x = torch.arange(6, dtype=torch.float32).reshape(3, 2) if x is None else x
+    return Examples({"x": x, "y": torch.tensor([0, 1, 0]), **extra}, tuple(ids))
+
+
+def test_examples_fingerprint_is_stable_and_sees_ids_values_dtypes_and_names():
+    base = store.examples_fingerprint(_examples())
+    assert base == store.examples_fingerprint(_examples())  # same data, same key
+    assert len(base) == 16 and int(base, 16) >= 0
+    x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    others = [
+        _examples(ids=("a", "c", "b")),  # same tensors, other ids (or order of ids)
+        _examples(x=x + 1e-6),  # other values, same ids
+        _examples(x=x.double()),  # same numbers, other dtype
+        _examples(x=x.reshape(3, 2, 1)),  # same bytes, other shape
+        _examples(z=torch.zeros(3)),  # one more tensor
+    ]
+    keys = [store.examples_fingerprint(e) for e in others]
+    assert base not in keys and len(set(keys)) == len(keys)
+
+
+def test_examples_fingerprint_ignores_layout_and_device_details():
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    strided = _examples(x=x[:, ::2])  # a non-contiguous view
+    assert store.examples_fingerprint(strided) == store.examples_fingerprint(
+        _examples(x=x[:, ::2].contiguous())
+    )
+    empty = _examples(x=torch.zeros(3, 0))
+    assert store.examples_fingerprint(empty) != store.examples_fingerprint(_examples())
+
+
+def test_every_examples_hash_is_the_store_one():
+    """Ground truths, Simfluence runs and fitted statistics key data the same way."""
+    from datafluence.gradients.capture import data_fingerprint
+
+    e = _examples(m=torch.tensor([True, False, True]), h=torch.ones(3, 2).bfloat16())
+    assert data_fingerprint(e) == store.examples_fingerprint(e)

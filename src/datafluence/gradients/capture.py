@@ -11,13 +11,13 @@ gradient with respect to the module's own output.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from datafluence import store
 from datafluence.gradients.space import Blocks, ParamSpace
 from datafluence.tasks import Examples, Task, eval_mode
 
@@ -216,12 +216,5 @@ def all_factors(
 
 
 def data_fingerprint(examples: Examples) -> str:
-    """A hash of the ids and every tensor's bytes: fitted statistics are tied to their data."""
-    h = hashlib.sha256()
-    for i in examples.ids:
-        h.update(i.encode() + b"\0")
-    for key in sorted(examples.tensors):
-        t = examples.tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    """Kept for the methods that still import it: `store.examples_fingerprint` is the one hash."""
+    return store.examples_fingerprint(examples)

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from datafluence import store
-from datafluence.gradients.capture import data_fingerprint
 from datafluence.groundtruth.training import (
     ModelFactory,
     Trainer,
@@ -30,9 +29,9 @@ from datafluence.groundtruth.training import (
     check_seeds,
     describe_train_fn,
     init_fingerprints,
-    resolve_rows,
     retrain_and_measure,
 )
+from datafluence.rows import Rows, resolve_rows
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
@@ -44,7 +43,7 @@ def leave_one_out(
     train: Examples,
     queries: Examples,
     train_fn: TrainFn | None = None,
-    rows: Sequence[int | str] | np.ndarray | None = None,
+    rows: Rows = None,
     seeds: int | Sequence[int] = (0,),
     run: RunDir | str | Path | None = None,
     progress: bool = True,
@@ -52,7 +51,8 @@ def leave_one_out(
     """LOO effects [len(rows), n_query] as Scores (method "loo").
 
     `train_fn(model_factory, subset, seed) -> model` retrains (default: `Trainer(task)`,
-    full-batch L-BFGS). `rows`: positions or ids of the examples to leave out (None: all).
+    full-batch L-BFGS). `rows`: the examples to leave out, as `datafluence.rows.resolve_rows`
+    reads them (positions, ids, a slice or a mask; None: all).
     parts["per_seed"] [n_seeds, n_rows, n_query] keeps each seed's effect; settings hold the
     full models' measurements. With `run`, every retraining is saved as it finishes (one
     partition each) and a re-run with the same settings only trains what is missing.
@@ -95,8 +95,8 @@ def leave_one_out(
             {
                 **settings,
                 "init": init_fingerprints(model_factory, seeds),
-                "train": data_fingerprint(train),
-                "queries": data_fingerprint(queries),
+                "train": store.examples_fingerprint(train),
+                "queries": store.examples_fingerprint(queries),
                 "rows": index,
             }
         )

@@ -20,7 +20,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datafluence import store
-from datafluence.gradients.capture import data_fingerprint
 from datafluence.groundtruth.training import (
     ModelFactory,
     Trainer,
@@ -212,8 +211,8 @@ def subset_retraining(
             {
                 **settings,
                 "init": init_fingerprints(model_factory, seeds),
-                "train": data_fingerprint(train),
-                "queries": data_fingerprint(queries),
+                "train": store.examples_fingerprint(train),
+                "queries": store.examples_fingerprint(queries),
             }
         )
         run.path.mkdir(parents=True, exist_ok=True)

@@ -213,29 +213,3 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"seeds must be distinct, got {out}")
     return out
-
-
-def resolve_rows(rows: Any, train: Examples) -> list[int]:
-    """Training positions from positions or ids (None: all); checked, no duplicates."""
-    if rows is None:
-        return list(range(len(train)))
-    items = list(rows.tolist() if hasattr(rows, "tolist") else rows)
-    if not items:
-        raise ValueError("rows is empty; give at least one training row (or None for all)")
-    lookup = {name: k for k, name in enumerate(train.ids)}
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            if item not in lookup:
-                raise ValueError(f"no training example with id {item!r}")
-            out.append(lookup[item])
-        elif hasattr(item, "__index__") and not isinstance(item, bool):
-            item = int(item)
-            if not 0 <= item < len(train):
-                raise ValueError(f"row {item} is outside the training set (0..{len(train) - 1})")
-            out.append(item)
-        else:
-            raise TypeError(f"rows must be positions or ids, got {item!r}")
-    if len(set(out)) != len(out):
-        raise ValueError("rows contain duplicates; give each training row once")
-    return out

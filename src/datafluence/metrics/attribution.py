@@ -8,14 +8,14 @@ metrics.json. `compare` lays several methods side by side in a DataFrame.
 Conventions, as in `desiderata`:
 
 * NaN or infinite inputs are rejected with a ValueError.
-* A correlation with a constant vector is undefined: reported as NaN, and the means over
-  queries skip it (`n_undefined` counts them; all undefined gives NaN).
+* Correlations come from `datafluence.stats`: one with a constant vector is undefined,
+  reported as NaN, and the means over queries skip it (`n_undefined` counts them; all
+  undefined gives NaN).
 * Spearman = Pearson of average ranks (ties share their mean rank).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from datafluence import stats
 from datafluence.scores import Scores, as_array
 
 ScoresLike = Scores | np.ndarray
@@ -43,19 +44,6 @@ def _finite(arr: np.ndarray, name: str) -> np.ndarray:
             "infinite values; these metrics need finite numbers"
         )
     return arr
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    if denom == 0.0 or not math.isfinite(denom):
-        return float("nan")
-    return float(np.clip((a @ b) / denom, -1.0, 1.0))
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return _pearson(rankdata(a), rankdata(b))
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -132,9 +120,10 @@ def _aligned(
 def _column_correlations(
     estimate: np.ndarray, truth: np.ndarray
 ) -> tuple[list[float], list[float]]:
-    pearson = [_pearson(estimate[:, j], truth[:, j]) for j in range(truth.shape[1])]
-    spearman = [_spearman(estimate[:, j], truth[:, j]) for j in range(truth.shape[1])]
-    return pearson, spearman
+    return (
+        stats.column_pearson(estimate, truth).tolist(),
+        stats.column_spearman(estimate, truth).tolist(),
+    )
 
 
 def _truth_scores(truth: ScoresLike, name: str) -> tuple[np.ndarray, tuple | None, tuple | None]:
@@ -190,7 +179,7 @@ def lds(scores: ScoresLike, ground_truth: Any) -> dict[str, Any]:
         scores, expected, train_ids, query_ids, ("scores", "subset ground truth"), same_rows=True
     )
     predicted = masks.astype(np.float64) @ values  # [M, Q]
-    per_query = [_spearman(predicted[:, j], measurements[:, j]) for j in range(values.shape[1])]
+    per_query = stats.column_spearman(predicted, measurements).tolist()
     return {
         "lds": _mean(per_query),
         "per_query": per_query,
@@ -237,7 +226,7 @@ def pbrf_agreement(scores: ScoresLike, pbrf_scores: ScoresLike) -> dict[str, Any
     return {
         "pearson": _mean(pearson),
         "spearman": _mean(spearman),
-        "pearson_overall": _pearson(values.reshape(-1), truth.reshape(-1)),
+        "pearson_overall": stats.pearson(values.reshape(-1), truth.reshape(-1)),
         "pearson_per_query": pearson,
         "n_train": int(truth.shape[0]),
         "n_queries": int(truth.shape[1]),

@@ -8,8 +8,9 @@ into metrics.json. The exception is `spurious_sequences`, which reads per-token 
 Conventions shared by all functions:
 
 * NaN or infinite inputs are rejected with a ValueError: a silent NaN would poison every mean.
-* A rank or linear correlation of a constant vector is undefined; it is reported as
-  ``float("nan")`` and summaries over columns use nan-aware mean/median (all-NaN gives NaN).
+* A rank or linear correlation of a constant vector is undefined (`datafluence.stats`); it
+  is reported as ``float("nan")`` and summaries over columns use nan-aware mean/median
+  (all-NaN gives NaN).
 * "Off-diagonal" means every ordered pair (i, j) with i != j, i.e. both M[i, j] and M[j, i].
 """
 
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 from scipy.spatial.distance import pdist, squareform
-from scipy.stats import rankdata
 
+from datafluence import stats
 from datafluence.scores import Scores, as_array
 
 ScoresLike = Scores | np.ndarray
@@ -89,40 +90,6 @@ def _off_diagonal_mask(n: int) -> np.ndarray:
     return ~np.eye(n, dtype=bool)
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant (correlation undefined)."""
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    xc = x - x.mean()
-    yc = y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    if den == 0.0:
-        return float("nan")
-    return float(np.clip((xc @ yc) / den, -1.0, 1.0))
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman correlation (Pearson of average-tie ranks); NaN for constant input."""
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return _pearson(rankdata(x), rankdata(y))
-
-
-def _column_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each column of `a` with the same column of `b` (NaN if constant)."""
-    ra = rankdata(a, axis=0)
-    rb = rankdata(b, axis=0)
-    ra -= ra.mean(axis=0)
-    rb -= rb.mean(axis=0)
-    num = (ra * rb).sum(axis=0)
-    den = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
-    constant = (np.ptp(a, axis=0) == 0) | (np.ptp(b, axis=0) == 0)
-    out = np.full(a.shape[1], np.nan)
-    ok = ~constant & (den > 0)
-    out[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
-    return out
-
-
 def _nanmean(x: np.ndarray) -> float:
     x = x[~np.isnan(x)]
     return float(x.mean()) if x.size else float("nan")
@@ -163,8 +130,8 @@ def symmetry(scores: ScoresLike, include_diagonal: bool = False) -> dict[str, fl
     diff = float(np.linalg.norm(x - y))
     asym = diff / (2.0 * norm) if norm > 0 else 0.0
     return {
-        "pearson": _pearson(x, y),
-        "spearman": _spearman(x, y),
+        "pearson": stats.pearson(x, y),
+        "spearman": stats.spearman(x, y),
         "asymmetry_index": asym,
     }
 
@@ -484,13 +451,13 @@ def noise_invariance(clean: ScoresLike, noisy: ScoresLike) -> dict[str, float]:
         )
     if a.shape[0] < 2:
         raise ValueError(f"need at least 2 training examples (rows) to rank, got shape {a.shape}")
-    per_column = _column_spearman(a, b)
+    per_column = stats.column_spearman(a, b)
     flat_a, flat_b = a.ravel(), b.ravel()
     return {
         "column_spearman_mean": _nanmean(per_column),
         "column_spearman_median": _nanmedian(per_column),
-        "spearman": _spearman(flat_a, flat_b),
-        "pearson": _pearson(flat_a, flat_b),
+        "spearman": stats.spearman(flat_a, flat_b),
+        "pearson": stats.pearson(flat_a, flat_b),
     }
 
 
@@ -551,7 +518,7 @@ def distance_decay(
                 f"{d.shape}; build it with pairwise_distances(features)"
             )
         _check_finite(d, "distance")
-        out["spearman_vs_distance"] = _spearman(values, d[off])
+        out["spearman_vs_distance"] = stats.spearman(values, d[off])
     if labels is not None:
         lab = np.asarray(labels)
         if lab.ndim != 1 or lab.shape[0] != n:
@@ -576,7 +543,7 @@ def distance_decay(
         out["across_class_mean"] = across
         out["block_difference"] = within - across
         out["block_ratio"] = within / across if across > 1e-12 * scale else float("nan")
-        out["spearman_vs_different_class"] = _spearman(values, (~same).astype(np.float64))
+        out["spearman_vs_different_class"] = stats.spearman(values, (~same).astype(np.float64))
     return out
 
 

@@ -12,14 +12,13 @@ Each is reported per held-out run and as mean ± std (ddof=1) over runs.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from datafluence import stats
 from datafluence.scores import Scores
 from datafluence.simfluence._checks import (
     check_curricula,
@@ -56,21 +55,15 @@ def all_steps_mse(predicted: np.ndarray, real: np.ndarray) -> np.ndarray:
 def final_spearman(predicted: np.ndarray, real: np.ndarray) -> np.ndarray:
     """Per-run Spearman correlation across test examples of predicted vs real L_T; [R].
 
-    NaN where it is undefined (fewer than 2 test examples, constant or non-finite values).
+    NaN where it is undefined (fewer than 2 test examples, constant or non-finite values:
+    a roll-out that diverged on some examples is not scored on the rest); see
+    `datafluence.stats`.
     """
     predicted = np.asarray(predicted, dtype=np.float64)
     real = np.asarray(real, dtype=np.float64)
     if predicted.ndim == 2:
         predicted, real = predicted[None], real[None]
-    out = np.full(predicted.shape[0], np.nan)
-    for r in range(predicted.shape[0]):
-        p, q = predicted[r, -1], real[r, -1]
-        if p.size < 2 or not np.all(np.isfinite(p)) or np.ptp(p) == 0 or np.ptp(q) == 0:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[r] = stats.spearmanr(p, q).statistic
-    return out
+    return stats.column_spearman(predicted[:, -1].T, real[:, -1].T)
 
 
 def evaluate(
@@ -150,19 +143,11 @@ def effect_agreement(
     return {
         "mse_all_steps": float(all_steps_mse(pred, obs)[0]),
         "spearman_final": float(final_spearman(pred, obs)[0]),
-        "effect_pearson": _pearson(d_pred[1:].ravel(), d_real[1:].ravel()),
+        "effect_pearson": stats.pearson(d_pred[1:].ravel(), d_real[1:].ravel()),
         "effect_spearman_final": float(final_spearman(d_pred, d_real)[0]),
         "real_effect_final": float(d_real[-1, cols].mean()),
         "predicted_effect_final": float(d_pred[-1, cols].mean()),
     }
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        return float("nan")
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
 
 
 class NoChangeSimulator:

@@ -8,8 +8,6 @@ resumes at the next unfinished run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -263,8 +261,8 @@ def collect_runs(
         "subset_size": subset_size,
         "replace": replace,
         "task": task.settings(),
-        "pool": _examples_fingerprint(pool),
-        "test": _examples_fingerprint(test),
+        "pool": store.examples_fingerprint(pool),
+        "test": store.examples_fingerprint(test),
         "model": store.model_fingerprint(start_model),
     }
     if run is not None:
@@ -383,13 +381,3 @@ def _train_one(
             opt.step()
             logger.step(ids)
         return logger.arrays()[1]
-
-
-def _examples_fingerprint(examples: Examples) -> str:
-    """Ids and tensor contents: a collection is only reusable for the very same data."""
-    h = hashlib.sha256(json.dumps(list(examples.ids)).encode())
-    for name in sorted(examples.tensors):
-        t = examples.tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
