@@ -348,7 +348,7 @@ def compare_at(
     preconditioner = kernel.solve_with(damping)
     pbrf = PBRF(
         task,
-        damping,
+        damping=damping,
         rtol=cfg["rtol"],
         max_iter=cfg["max_iter"],
         preconditioner=preconditioner,
@@ -370,7 +370,7 @@ def compare_at(
     check = None
     if args.pbrf_check_rows:  # the preconditioner changes the speed, not the answer
         few = chosen[: args.pbrf_check_rows]
-        plain = PBRF(task, damping, rtol=cfg["rtol"], max_iter=4 * cfg["max_iter"], progress=False)
+        plain = PBRF(task, damping=damping, rtol=cfg["rtol"], max_iter=4 * cfg["max_iter"], progress=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             reference = plain.score(model, train, queries, rows=few).values

@@ -34,7 +34,7 @@ def test_empty_training_set(task, make_model, make_examples):
 
 
 def test_empty_probe_set(task, make_model, make_examples):
-    with pytest.raises(ValueError, match="probe set is empty"):
+    with pytest.raises(ValueError, match="query set is empty"):
         method(task).score(make_model(), make_examples(3), empty_set())
 
 
@@ -52,7 +52,7 @@ def test_labels_beyond_num_classes(make_model):
         task.examples(torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 1]))
 
 
-@pytest.mark.parametrize("role, where", [("training", "train"), ("probe", "queries")])
+@pytest.mark.parametrize("role, where", [("training", "train"), ("query", "queries")])
 def test_labels_beyond_model_outputs(task, make_model, make_examples, role, where):
     """num_classes unknown: the model's 5 outputs are the bound."""
     sets = {"train": make_examples(4), "queries": make_examples(3, prefix="q")}
@@ -91,7 +91,7 @@ def test_mismatched_ids(task):
 def test_probe_images_of_another_size(task, make_model, make_examples):
     train = make_examples(3)
     queries = make_examples(2, prefix="q", side=10)
-    with pytest.raises(ValueError, match=r"cannot run on the probe.*\(1, 10, 10\)"):
+    with pytest.raises(ValueError, match=r"cannot run on the query.*\(1, 10, 10\)"):
         method(task).score(make_model(), train, queries)
     with pytest.raises(ValueError, match=r"cannot run on the training.*\(1, 10, 10\)"):
         method(task).score(make_model(), queries, train)
@@ -129,13 +129,13 @@ def test_non_finite_loss_names_the_example_and_keeps_saved_partitions(
     eif = method(task, engine=engine, steps=2, lr=1.0, chunk_size=2)
     with pytest.raises(FloatingPointError, match=r"non-finite loss .*step 2 on digit-4\b"):
         eif.score(model, train, queries, run=RunDir(tmp_path))
-    saved = sorted(p.name for p in tmp_path.glob("partitions/eif-*/rows_*.npy"))
+    saved = sorted(p.name for p in tmp_path.glob("partitions/empirical-*/rows_*.npy"))
     assert saved == ["rows_000000000_000000002.npy", "rows_000000002_000000004.npy"]
 
     # nothing lost: the saved rows equal a clean run on the first four examples
     fine = task.examples(train.tensors["x"][:4], train.tensors["y"][:4], train.ids[:4])
     clean = method(task, engine=engine, steps=2, lr=1.0, chunk_size=2).score(model, fine, queries)
-    part = next(tmp_path.glob("partitions/eif-*/rows_000000000_000000002.npy"))
+    part = next(tmp_path.glob("partitions/empirical-*/rows_000000000_000000002.npy"))
     assert np.abs(clean.values).max() > 1e-2
     assert np.allclose(np.load(part), clean.values[:2], atol=1e-5)
 
@@ -216,7 +216,7 @@ def test_invalid_recipe_values(task, fields, match):
 def test_invalid_method_options(task):
     with pytest.raises(ValueError, match="unknown engine 'fast'"):
         EmpiricalInfluence(task, engine="fast")
-    with pytest.raises(ValueError, match="chunk_size and probe_chunk_size must be at least 1"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         EmpiricalInfluence(task, chunk_size=0)
     with pytest.raises(ValueError, match="unknown measurement 'accuracy'"):
         ClassificationTask(measurement="accuracy")

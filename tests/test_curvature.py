@@ -210,8 +210,12 @@ def test_sampled_and_empirical_fisher_run_and_differ():
 
 def test_bad_damping_and_options_are_clear_errors():
     for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="damping must be a positive"):
+        with pytest.raises(ValueError, match="damping must be a finite number > 0"):
             make_curvature("kfac", damping=bad)
+        with pytest.raises(ValueError, match="damping_factor must be a finite number > 0"):
+            make_curvature("kfac", damping_factor=bad)
+    with pytest.raises(ValueError, match="not both"):
+        make_curvature("ekfac", damping=0.1, damping_factor=0.1)
     with pytest.raises(ValueError, match="takes no damping"):
         make_curvature("identity", damping=0.1)
     with pytest.raises(ValueError, match="unknown curvature"):
@@ -353,3 +357,19 @@ def test_ekfac_correction_routes_agree_on_a_convolution(monkeypatch, factors_fir
         lo += layer.numel
         torch.testing.assert_close(forced.eigs[layer.name], reference.eigs[layer.name])
         assert float(forced.eigs[layer.name].sum()) == pytest.approx(float(block.trace()), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "diagonal", "explicit", "cg"])
+def test_damping_factor_scales_the_mean_eigenvalue_and_absolute_damping_is_used_as_is(name):
+    """One meaning everywhere: damping_factor f gives λ = f x mean eigenvalue (the default
+    is f = 0.1), damping=λ uses λ itself."""
+    model = mlp()
+    task, train = data()
+    default = fitted(name, model, task, train).lambdas
+    tripled = fitted(name, model, task, train, damping_factor=0.3).lambdas
+    assert default and set(default) == set(tripled)
+    for block, lam in default.items():
+        assert lam > 0
+        assert tripled[block] == pytest.approx(3 * lam, rel=1e-12)
+    absolute = fitted(name, model, task, train, damping=0.0125).lambdas
+    assert set(absolute.values()) == {0.0125}

@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from datafluence.cli import main
-from datafluence.experiments.scores_cli import MLP, reference_setup
+from datafluence.experiments.scores_cli import reference_setup
 from datafluence.groundtruth import SubsetRetraining, Trainer
 from datafluence.groundtruth import loo as loo_module
 from datafluence.groundtruth import subsets as subsets_module
 from datafluence.groundtruth.training import measure_all
+from datafluence.models import MLP
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 

@@ -273,10 +273,10 @@ def test_prompted_resumes_from_partitions(tokenizer, tmp_path):
     model = llama(tokenizer)
     task = CausalLMTask(tokenizer)
     ex = task.examples(ITEMS)
-    method = PromptedInfluence(task, batch_size=5, progress=False)
+    method = PromptedInfluence(task, chunk_size=1, probe_chunk_size=5, progress=False)
     first = method.score(model, ex, ex, run=RunDir(tmp_path).open({"x": 1}))
     files = sorted((tmp_path / "partitions").rglob("rows_*.npy"))
-    assert len(files) == len(ITEMS)  # one row per partition at batch_size = n_queries
+    assert len(files) == len(ITEMS)  # one training row per partition at chunk_size=1
     files[-1].unlink()
     again = method.score(model, ex, ex, run=RunDir(tmp_path).open({"x": 1}))
     assert np.array_equal(first.values, again.values)
@@ -482,7 +482,7 @@ def test_prompted_prefix_cache_equals_full_sequences(tokenizer, arch):
     model = llama(tokenizer) if arch == "llama" else gpt2(tokenizer)
     task = CausalLMTask(tokenizer)
     ex = task.examples(ITEMS)
-    cached = PromptedInfluence(task, batch_size=3, progress=False).score(model, ex, ex)
+    cached = PromptedInfluence(task, probe_chunk_size=3, progress=False).score(model, ex, ex)
     plain = PromptedInfluence(task, reuse_prefix=False, progress=False).score(model, ex, ex)
     assert np.abs(cached.values - plain.values).max() < 1e-4
     assert np.abs(cached.values).max() > 1e-3

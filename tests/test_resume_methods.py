@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from datafluence.methods import representation_similarity, tfidf, trak
+from datafluence.methods.base import Call
 from datafluence.methods.representation_similarity import RepresentationSimilarity
 from datafluence.methods.tfidf import TextSimilarity, prefiltered
 from datafluence.methods.trak import TRAK
@@ -39,24 +39,24 @@ def data(n: int, seed: int, prefix: str) -> Examples:
 
 
 class Chunks:
-    """Wraps a method module's `assemble` to record the rows each computed chunk starts at,
-    and to raise KeyboardInterrupt (Ctrl-C) on chunk number `stop_at`."""
+    """Wraps the methods' one row loop (`Call.table`) to record the rows each computed chunk
+    starts at, and to raise KeyboardInterrupt (Ctrl-C) on chunk number `stop_at`."""
 
-    def __init__(self, module, monkeypatch) -> None:
+    def __init__(self, monkeypatch) -> None:
         self.starts: list[int] = []
         self.stop_at: int | None = None
-        original = module.assemble
+        original = Call.table
 
-        def wrapped(train, queries, n_layers, chunk_size, compute, **kwargs):
+        def wrapped(call, n_rows, width, compute, **kwargs):
             def counted(lo: int, hi: int):
                 self.starts.append(lo)
                 if self.stop_at is not None and len(self.starts) == self.stop_at:
                     raise KeyboardInterrupt
                 return compute(lo, hi)
 
-            return original(train, queries, n_layers, chunk_size, counted, **kwargs)
+            return original(call, n_rows, width, counted, **kwargs)
 
-        monkeypatch.setattr(module, "assemble", wrapped)
+        monkeypatch.setattr(Call, "table", wrapped)
 
     def interrupted(self, call) -> None:
         """Run `call`, Ctrl-C during its second chunk; only the first one is saved."""
@@ -86,7 +86,7 @@ def test_trak_resumes_without_recomputing_rows_or_training_features(tmp_path, mo
         return TRAK(task, states, chunk_size=3, **settings)
 
     reference = make().score(model, train, queries)
-    chunks = Chunks(trak, monkeypatch)
+    chunks = Chunks(monkeypatch)
     featured: list[int] = []  # sizes of the sets whose features are computed
     original = TRAK._features
 
@@ -123,8 +123,12 @@ def test_trak_resumes_without_recomputing_rows_or_training_features(tmp_path, mo
     assert featured.count(7) == 2 and len(saved(tmp_path, "trak_features")) == 4
     # Other weights under the same settings: nothing reused either.
     moved = [mlp(5).state_dict(), states[1]]
-    again = TRAK(task, moved, 8, 0.1, 3, chunk_size=3).score(model, train, queries, run=tmp_path)
-    fresh = TRAK(task, moved, 8, 0.1, 3, chunk_size=3).score(model, train, queries)
+    again = TRAK(task, moved, projection_dim=8, damping=0.1, seed=3, chunk_size=3).score(
+        model, train, queries, run=tmp_path
+    )
+    fresh = TRAK(task, moved, projection_dim=8, damping=0.1, seed=3, chunk_size=3).score(
+        model, train, queries
+    )
     np.testing.assert_array_equal(again.values, fresh.values)
     RunDir(tmp_path).drop_partitions()  # the feature cache goes with the partitions
     assert not (tmp_path / "partitions").exists()
@@ -135,9 +139,13 @@ def test_trak_features_of_other_data_with_the_same_ids_are_not_reused(tmp_path):
     task = ClassificationTask()
     a, queries = data(5, 0, "t"), data(2, 1, "q")
     b = task.examples(a.tensors["x"] + 1.0, a.tensors["y"], a.ids)
-    TRAK(task, None, 6, 0.1, chunk_size=2).score(model, a, queries, run=tmp_path)
-    on_b = TRAK(task, None, 6, 0.1, chunk_size=2).score(model, b, queries, run=tmp_path)
-    fresh = TRAK(task, None, 6, 0.1, chunk_size=2).score(model, b, queries)
+    TRAK(task, None, projection_dim=6, damping=0.1, chunk_size=2).score(
+        model, a, queries, run=tmp_path
+    )
+    on_b = TRAK(task, None, projection_dim=6, damping=0.1, chunk_size=2).score(
+        model, b, queries, run=tmp_path
+    )
+    fresh = TRAK(task, None, projection_dim=6, damping=0.1, chunk_size=2).score(model, b, queries)
     np.testing.assert_array_equal(on_b.values, fresh.values)
 
 
@@ -167,7 +175,7 @@ def test_repsim_resumes_and_keys_its_rows(tmp_path, monkeypatch):
         h, g = torch.tanh(model[0](train.tensors["x"])), torch.tanh(model[0](queries.tensors["x"]))
     exact = (nn.functional.normalize(h, dim=1) @ nn.functional.normalize(g, dim=1).T).numpy()
     np.testing.assert_allclose(reference.values, exact, rtol=1e-6)
-    chunks = Chunks(representation_similarity, monkeypatch)
+    chunks = Chunks(monkeypatch)
     method = RepresentationSimilarity(task, "1", chunk_size=3)
     chunks.interrupted(lambda: method.score(model, train, queries, run=tmp_path))
     resumed = method.score(model, train, queries, run=tmp_path)
@@ -186,7 +194,7 @@ def test_repsim_resumes_and_keys_its_rows(tmp_path, monkeypatch):
         method.score(other, train, queries, run=tmp_path).values,
         method.score(other, train, queries).values,
     )
-    assert len(saved(tmp_path, "repsim")) == 3
+    assert len(saved(tmp_path, "representation_similarity")) == 3
 
 
 # --- text similarity and the BM25 pre-filter -----------------------------------------------
@@ -198,7 +206,7 @@ ASKED = ["red fox", "sea", "hill"]
 
 def test_text_similarity_resumes_and_keys_by_the_texts(tmp_path, monkeypatch):
     reference = TextSimilarity("bm25", chunk_size=3).score(None, DOCS, ASKED)
-    chunks = Chunks(tfidf, monkeypatch)
+    chunks = Chunks(monkeypatch)
     method = TextSimilarity("bm25", chunk_size=3)
     chunks.interrupted(lambda: method.score(None, DOCS, ASKED, run=tmp_path))
     resumed = method.score(None, DOCS, ASKED, run=tmp_path)
@@ -219,7 +227,7 @@ def test_text_similarity_resumes_and_keys_by_the_texts(tmp_path, monkeypatch):
             other.score(None, docs, ASKED, run=tmp_path).values,
             other.score(None, docs, ASKED).values,
         )
-    assert len(saved(tmp_path, "text_bm25")) == 3 and len(saved(tmp_path, "text_tfidf")) == 1
+    assert len(saved(tmp_path, "text_similarity")) == 4  # 3 BM25 runs, 1 TF-IDF
     with pytest.raises(ValueError, match="chunk_size"):
         TextSimilarity(chunk_size=0)
 
@@ -227,7 +235,7 @@ def test_text_similarity_resumes_and_keys_by_the_texts(tmp_path, monkeypatch):
 def test_prefilter_hands_the_run_to_the_inner_method(tmp_path, monkeypatch):
     inner = TextSimilarity("tfidf", chunk_size=1)
     reference = prefiltered(inner, None, DOCS, ASKED, k=3)
-    chunks = Chunks(tfidf, monkeypatch)
+    chunks = Chunks(monkeypatch)
     chunks.stop_at = 5  # query 0's three rows, then Ctrl-C during query 1's second
     with pytest.raises(KeyboardInterrupt, match="1/3 partitions"):
         prefiltered(inner, None, DOCS, ASKED, k=3, run=tmp_path)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from datafluence.cli import main
-from datafluence.experiments.scores_cli import make_method, reference
+from datafluence.experiments.scores_cli import make_cli_method, reference
 from datafluence.methods import TracInCP
 from datafluence.scores import Scores
 
@@ -47,8 +47,8 @@ def test_scores_then_evaluate(cache):
 
 def test_scores_refuses_other_settings(cache):
     run = cache / "run"
-    assert scores(run, "gradsim").exit_code == 0
-    refused = scores(run, "gradsim", "--damping", "0.5")
+    assert scores(run, "kfac").exit_code == 0
+    refused = scores(run, "kfac", "--damping", "0.5")
     assert refused.exit_code != 0 and "--overwrite" in refused.output
     unknown = CliRunner().invoke(main, ["scores", "--method", "magic", "--out", str(run)])
     assert unknown.exit_code != 0 and "ekfac" in unknown.output
@@ -82,4 +82,4 @@ def test_tracin_is_tracin_cp_over_the_reference_runs_epochs(cache):
     # not the final model's gradient dot product alone: the first epoch counts
     assert np.abs(got.values - 2e-3 * dots_2).max() > 0.01 * scale
     with pytest.raises(ValueError, match="checkpoints"):
-        make_method("tracin", ref.task, ref.model, None)
+        make_cli_method("tracin", ref.task)

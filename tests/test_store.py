@@ -257,7 +257,7 @@ def test_eif_interrupted_then_resumed_equals_uninterrupted(
     run = RunDir(tmp_path)
     with pytest.raises(KeyboardInterrupt, match="1/3 partitions"):
         method.score(model, train, queries, run=run)
-    assert len(list(tmp_path.glob("partitions/eif-*/rows_*.npy"))) == 1
+    assert len(list(tmp_path.glob("partitions/empirical-*/rows_*.npy"))) == 1
 
     calls["n"] = -100  # no more interruptions; count the chunks the resumed run computes
     resumed = method.score(model, train, queries, run=run)
@@ -354,11 +354,3 @@ def test_examples_fingerprint_ignores_layout_and_device_details():
     )
     empty = _examples(x=torch.zeros(3, 0))
     assert store.examples_fingerprint(empty) != store.examples_fingerprint(_examples())
-
-
-def test_every_examples_hash_is_the_store_one():
-    """Ground truths, Simfluence runs and fitted statistics key data the same way."""
-    from datafluence.gradients.capture import data_fingerprint
-
-    e = _examples(m=torch.tensor([True, False, True]), h=torch.ones(3, 2).bfloat16())
-    assert data_fingerprint(e) == store.examples_fingerprint(e)

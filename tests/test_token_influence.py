@@ -264,7 +264,7 @@ def test_layers_that_are_not_one_per_input_token(tokenizer):
     # an output head sliced to the predicting positions sees fewer tokens than the inputs
     sliced = CausalLMTask(tokenizer)
     prompted = sliced.examples([item for item in TRAIN if isinstance(item, tuple)])
-    inf = InfluenceFunction(sliced, "identity", progress=False)
+    inf = InfluenceFunction(sliced, "identity", modules="all", progress=False)
     with pytest.raises(ValueError, match="'lm_head' sees .* tokens.*slice_logits=False"):
         inf.token_scores(llama(tokenizer), prompted, sliced.examples(QUERIES))
 

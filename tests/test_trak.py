@@ -70,7 +70,10 @@ def test_unprojected_scores_match_the_formula_and_ensembling_averages():
     trak = TRAK(task, states, projection_dim=None, damping=0.1)
     scores = trak.score(model, train, queries)
     np.testing.assert_allclose(
-        scores.values, hand_trak(model, states, train, queries, 0.1), rtol=1e-5, atol=1e-8
+        scores.values,
+        hand_trak(model, states, train, queries, 0.1 * len(train)),  # λ on the mean kernel
+        rtol=1e-5,
+        atol=1e-8,
     )
     # one checkpoint each: the ensemble is the mean kernel term times the mean Q, not the
     # mean of the products
@@ -92,10 +95,12 @@ def test_default_damping_is_relative_and_self_scores_are_positive():
     scores = TRAK(task, None, projection_dim=None).score(model, train, train)
     lam = scores.settings["damping_used"][0]
     phi, q = margin_grads(model, model.state_dict(), train)
-    assert lam == pytest.approx(1e-3 * float(torch.trace(phi.T @ phi)) / phi.shape[1], rel=1e-9)
+    # 1e-3 x the mean eigenvalue of the mean kernel ΦᵀΦ / N, i.e. N λ on ΦᵀΦ
+    mean_eig = float(torch.trace(phi.T @ phi)) / (phi.shape[1] * len(train))
+    assert lam == pytest.approx(1e-3 * mean_eig, rel=1e-9)
     np.testing.assert_allclose(
         scores.values,
-        hand_trak(model, [model.state_dict()], train, train, lam),
+        hand_trak(model, [model.state_dict()], train, train, lam * len(train)),
         rtol=1e-4,
         atol=1e-8,
     )

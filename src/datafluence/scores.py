@@ -30,7 +30,8 @@ class Scores:
     """An influence matrix with the ids of both sides and how it was made.
 
     `parts` holds optional decompositions whose last two axes are [n_train, n_query]
-    (for example per-layer scores [n_layers, n_train, n_query]).
+    (for example per-layer scores [n_layers, n_train, n_query]). `settings` say what
+    changes the numbers; `timings` (seconds) say what a run cost and never key a result.
     """
 
     values: np.ndarray
@@ -39,6 +40,7 @@ class Scores:
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -107,6 +109,7 @@ class Scores:
             scores={
                 "method": self.method,
                 "settings": _jsonable(self.settings),
+                "timings": _jsonable(self.timings),
                 "shape": list(self.values.shape),
                 "parts": sorted(self.parts),
                 "train_ids": list(self.train_ids),
@@ -140,6 +143,7 @@ class Scores:
             method=meta["method"],
             settings=meta.get("settings", {}),
             parts=parts,
+            timings=meta.get("timings", {}),
         )
 
     def _query_index(self, query: str | int) -> int:

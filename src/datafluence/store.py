@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from datafluence import distributed
+from datafluence.progress import bar as progress_bar
 
 
 class RunMismatchError(RuntimeError):
@@ -96,7 +96,10 @@ def tensors_fingerprint(tensors: Mapping[str, Any]) -> str:
 
 def examples_fingerprint(examples: Any) -> str:
     """Ids and tensor values of a set of examples: partitions keyed by it are never reused
-    for other data that happens to carry the same ids."""
+    for other data that happens to carry the same ids.
+
+    The one hash of `Examples` in the package (score partitions, fitted statistics, ground
+    truths, Simfluence runs), so the same data gives the same key everywhere."""
     return fingerprint(
         {"ids": list(examples.ids), "tensors": tensors_fingerprint(examples.tensors)}
     )
@@ -127,6 +130,15 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
                 out.extend(_diff(old[key], new[key], name))
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def as_run(run: RunDir | str | Path | None) -> RunDir | None:
+    """`run=` as every method takes it: a RunDir, a path (str or Path), or None."""
+    if run is None or isinstance(run, RunDir):
+        return run
+    if isinstance(run, str | os.PathLike):
+        return RunDir(run)
+    raise TypeError(f"run must be a RunDir, a str or a Path, got {type(run).__name__}")
 
 
 class RunDir:
@@ -271,13 +283,8 @@ class RunDir:
                     out[start:end] = np.load(path)
             elif i in mine:
                 todo.append((start, end, path))
-        bar = tqdm(
-            total=len(bounds),
-            initial=len(bounds) - len(todo),
-            desc=desc or name,
-            unit="part",
-            disable=not progress or not distributed.is_main(),
-            leave=False,
+        bar = progress_bar(
+            progress=progress, total=len(bounds), initial=len(bounds) - len(todo), desc=desc or name
         )
         try:
             for start, end, path in todo:

@@ -30,8 +30,10 @@ class Arnoldi(MatrixFree):
         matrix: str = "gn",
         rank: int = 20,
         iterations: int | None = None,
+        *,
+        damping_factor: float | None = None,
     ) -> None:
-        super().__init__(damping, matrix)
+        super().__init__(damping, matrix, damping_factor=damping_factor)
         if rank < 1 or (iterations is not None and iterations < rank):
             raise ValueError("arnoldi needs rank ≥ 1 and iterations ≥ rank")
         self.rank, self.iterations = int(rank), iterations

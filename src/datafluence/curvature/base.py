@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from datafluence.curvature.damping import Damping, check_damping
+from datafluence.curvature.damping import Damping, check_damping, resolve
 from datafluence.gradients.capture import chunks
 from datafluence.gradients.layers import Layer
 from datafluence.gradients.space import Blocks, ParamSpace
@@ -59,8 +59,8 @@ class Curvature(ABC):
     name: ClassVar[str]
     block_diagonal: ClassVar[bool] = True
 
-    def __init__(self, damping: Damping = None) -> None:
-        self.damping = check_damping(damping)
+    def __init__(self, damping: Damping = None, *, damping_factor: float | None = None) -> None:
+        self.damping, self.damping_factor = check_damping(damping, damping_factor)
         self.space: ParamSpace | None = None
         self.lambdas: dict[str, float] = {}  # the damping used, per block ("*" = whole)
 
@@ -69,7 +69,16 @@ class Curvature(ABC):
         return {}
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "damping": self.damping, **self.options()}
+        return {
+            "name": self.name,
+            "damping": self.damping,
+            "damping_factor": self.damping_factor,
+            **self.options(),
+        }
+
+    def resolve_damping(self, block: str, mean_eigenvalue: float) -> float:
+        """λ for one block (recorded in `lambdas` by the caller): see curvature.damping."""
+        return resolve(self.damping, self.damping_factor, block, mean_eigenvalue)
 
     @property
     def fitted(self) -> bool:
@@ -136,17 +145,22 @@ def register(cls: type[Curvature]) -> type[Curvature]:
 
 
 def make_curvature(
-    curvature: str | Curvature, damping: Damping = None, **options: Any
+    curvature: str | Curvature,
+    damping: Damping = None,
+    damping_factor: float | None = None,
+    **options: Any,
 ) -> Curvature:
     """A strategy by name (with its options) or an instance as is."""
     if isinstance(curvature, Curvature):
-        if options or damping is not None:
+        if options or damping is not None or damping_factor is not None:
             raise ValueError(
                 "pass damping and options to the curvature object itself, not next to it"
             )
         return curvature
     if curvature not in REGISTRY:
         raise ValueError(f"unknown curvature {curvature!r}; choose one of {sorted(REGISTRY)}")
+    if damping_factor is not None:
+        options = {**options, "damping_factor": damping_factor}
     try:
         return REGISTRY[curvature](damping=damping, **options)
     except TypeError as err:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from datafluence.curvature.base import Curvature, FitContext, register
-from datafluence.curvature.damping import Damping, resolve
+from datafluence.curvature.damping import Damping
 from datafluence.curvature.fisher import fisher_factors
 from datafluence.curvature.operator import CurvatureOperator, check_matrix
 from datafluence.gradients.space import Blocks
@@ -44,8 +44,15 @@ class Explicit(Curvature):
     name = "explicit"
     block_diagonal = False
 
-    def __init__(self, damping: Damping = None, matrix: str = "gn", blocks: str = "full") -> None:
-        super().__init__(damping)
+    def __init__(
+        self,
+        damping: Damping = None,
+        matrix: str = "gn",
+        blocks: str = "full",
+        *,
+        damping_factor: float | None = None,
+    ) -> None:
+        super().__init__(damping, damping_factor=damping_factor)
         self.matrix = check_matrix(matrix)
         if blocks not in BLOCKS:
             raise ValueError(f"unknown blocks {blocks!r}; choose one of {BLOCKS}")
@@ -103,7 +110,7 @@ class Explicit(Curvature):
         self._solvers = {}
         for name, sl in self._ranges().items():
             block = self.dense[sl, sl]
-            self.lambdas[name] = resolve(self.damping, name, float(block.diagonal().mean()))
+            self.lambdas[name] = self.resolve_damping(name, float(block.diagonal().mean()))
             self._solvers[name] = dense_solver(block, self.lambdas[name])
 
     def _solve(self, vectors: Blocks) -> Blocks:

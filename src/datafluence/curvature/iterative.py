@@ -8,6 +8,7 @@ identical with, the explicit strategy's exact 0.1 × trace / P.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from datafluence.curvature.base import Curvature, FitContext, register
-from datafluence.curvature.damping import Damping, resolve
+from datafluence.curvature.damping import Damping
 from datafluence.curvature.operator import (
     CurvatureOperator,
     check_matrix,
@@ -31,8 +32,10 @@ class MatrixFree(Curvature):
 
     block_diagonal = False
 
-    def __init__(self, damping: Damping = None, matrix: str = "gn") -> None:
-        super().__init__(damping)
+    def __init__(
+        self, damping: Damping = None, matrix: str = "gn", *, damping_factor: float | None = None
+    ) -> None:
+        super().__init__(damping, damping_factor=damping_factor)
         if isinstance(self.damping, Mapping):
             raise ValueError(
                 f"{self.name} works on the whole matrix and takes one damping number, "
@@ -51,8 +54,8 @@ class MatrixFree(Curvature):
 
     def _fit(self, ctx: FitContext) -> None:
         assert self.op is not None
-        mean = mean_eigenvalue(self.op, seed=ctx.seed) if self.damping is None else 0.0
-        self.lambdas["*"] = resolve(self.damping, "*", mean)
+        mean = mean_eigenvalue(self.op, seed=ctx.seed) if self.damping is None else math.nan
+        self.lambdas["*"] = self.resolve_damping("*", mean)
 
     def _load(self, state: dict[str, Tensor]) -> None:
         self._load_lambdas(state)
@@ -77,9 +80,15 @@ class CG(MatrixFree):
     name = "cg"
 
     def __init__(
-        self, damping: Damping = None, matrix: str = "gn", max_iter: int = 100, tol: float = 1e-6
+        self,
+        damping: Damping = None,
+        matrix: str = "gn",
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        *,
+        damping_factor: float | None = None,
     ) -> None:
-        super().__init__(damping, matrix)
+        super().__init__(damping, matrix, damping_factor=damping_factor)
         if max_iter < 1 or not 0 < tol < 1:
             raise ValueError("cg needs max_iter ≥ 1 and 0 < tol < 1")
         self.max_iter, self.tol = int(max_iter), float(tol)

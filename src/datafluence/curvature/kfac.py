@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from datafluence.curvature.base import Curvature, FitContext, register
-from datafluence.curvature.damping import Damping, resolve
+from datafluence.curvature.damping import Damping
 from datafluence.curvature.fisher import check_fisher, fisher_factors
 from datafluence.gradients.dots import squared_sum
 from datafluence.gradients.layers import Layer, gram64
@@ -45,8 +45,14 @@ class KFAC(Curvature):
 
     name = "kfac"
 
-    def __init__(self, damping: Damping = None, fisher: str = "sample") -> None:
-        super().__init__(damping)
+    def __init__(
+        self,
+        damping: Damping = None,
+        fisher: str = "sample",
+        *,
+        damping_factor: float | None = None,
+    ) -> None:
+        super().__init__(damping, damping_factor=damping_factor)
         self.fisher = check_fisher(fisher)
         self.a_vals: dict[str, Tensor] = {}
         self.a_vecs: dict[str, Tensor | None] = {}  # None: identity (embedding)
@@ -92,7 +98,7 @@ class KFAC(Curvature):
 
     def _set_lambdas(self) -> None:
         for name, eig in self.eigs.items():
-            self.lambdas[name] = resolve(self.damping, name, float(eig.mean()))
+            self.lambdas[name] = self.resolve_damping(name, float(eig.mean()))
 
     def rotate(self, name: str, v: Tensor, back: bool = False) -> Tensor:
         """Into the Kronecker eigenbasis (Q_Sᵀ V Q_A), or back (Q_S V Q_Aᵀ)."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from datafluence.curvature.base import Curvature, FitContext, register
-from datafluence.curvature.damping import Damping, resolve
+from datafluence.curvature.damping import Damping
 from datafluence.curvature.fisher import check_fisher, fisher_factors
 from datafluence.gradients.dots import squared_sum
 from datafluence.gradients.space import Blocks
@@ -20,9 +20,11 @@ class Identity(Curvature):
 
     name = "identity"
 
-    def __init__(self, damping: Damping = None) -> None:
-        if damping is not None:
-            raise ValueError("the identity curvature takes no damping; leave damping=None")
+    def __init__(self, damping: Damping = None, *, damping_factor: float | None = None) -> None:
+        if damping is not None or damping_factor is not None:
+            raise ValueError(
+                "the identity curvature takes no damping; leave damping and damping_factor unset"
+            )
         super().__init__(None)
 
     def _fit(self, ctx: FitContext) -> None:
@@ -39,8 +41,14 @@ class Diagonal(Curvature):
 
     name = "diagonal"
 
-    def __init__(self, damping: Damping = None, fisher: str = "sample") -> None:
-        super().__init__(damping)
+    def __init__(
+        self,
+        damping: Damping = None,
+        fisher: str = "sample",
+        *,
+        damping_factor: float | None = None,
+    ) -> None:
+        super().__init__(damping, damping_factor=damping_factor)
         self.fisher = check_fisher(fisher)
         self.diag: dict[str, Tensor] = {}
 
@@ -65,7 +73,7 @@ class Diagonal(Curvature):
                     f"the diagonal curvature of {name!r} has NaN/Inf entries; some training "
                     "gradients are not finite - check the model and the data"
                 )
-            self.lambdas[name] = resolve(self.damping, name, float(d.mean()))
+            self.lambdas[name] = self.resolve_damping(name, float(d.mean()))
 
     def _solve(self, vectors: Blocks) -> Blocks:
         return {

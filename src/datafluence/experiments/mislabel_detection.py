@@ -43,10 +43,14 @@ from torch import nn  # noqa: E402
 from datafluence import methods, store  # noqa: E402
 from datafluence.datasets import ImageSet, load_fashion_mnist, load_mnist_subset  # noqa: E402
 from datafluence.experiments._cli import cli_errors, comma_list  # noqa: E402
-from datafluence.experiments.scores_cli import MLP  # noqa: E402
 from datafluence.gradients.capture import chunks  # noqa: E402
 from datafluence.metrics.attribution import mislabel_auc  # noqa: E402
-from datafluence.models import SmallCNN, TrainRecipe, evaluate_accuracy  # noqa: E402
+from datafluence.models import (  # noqa: E402
+    MLP,  # noqa: E402
+    SmallCNN,
+    TrainRecipe,
+    evaluate_accuracy,
+)
 from datafluence.models.training import train_classifier_checkpoints  # noqa: E402
 from datafluence.report.figures import _save as save_figure  # noqa: E402
 from datafluence.store import RunDir  # noqa: E402
@@ -235,13 +239,16 @@ def self_scores(
     if name.startswith("influence-"):
         curvature = name.removeprefix("influence-")
         method = methods.InfluenceFunction(task, curvature=curvature, progress=False)
-        return method.self_score(model, train)
+        return method.self_score(model, train).values[:, 0]
     if name == "tracin-cp":
         lrs = [config.train.lr] * len(checkpoints)
-        return methods.TracInCP(task, list(checkpoints), lrs).self_score(model, train)
+        tracin = methods.TracInCP(task, list(checkpoints), lrs, progress=False)
+        return tracin.self_score(model, train).values[:, 0]
     if name == "trak":
-        trak = methods.TRAK(task, projection_dim=config.trak_dim, seed=config.seed, chunk_size=128)
-        return np.diag(trak.score(model, train, train).values).astype(np.float32)
+        trak = methods.TRAK(
+            task, projection_dim=config.trak_dim, seed=config.seed, chunk_size=128, progress=False
+        )
+        return trak.self_score(model, train).values[:, 0]
     if name == "loss":
         with torch.no_grad():
             losses = [task.loss(model, batch) for _, _, batch in chunks(train, 1000)]

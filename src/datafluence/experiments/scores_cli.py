@@ -5,7 +5,6 @@ Composition only: models, data and methods come from the library.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +17,9 @@ from torch import nn
 from datafluence import distributed, store
 from datafluence.datasets import load_fashion_mnist, load_mnist_subset
 from datafluence.experiments._cli import cli_errors, comma_list
-from datafluence.models import SmallCNN, TrainRecipe, train_classifier
+from datafluence.methods import Method, make_method
+from datafluence.models import MLP, SmallCNN, TrainRecipe, train_classifier
+from datafluence.models.defaults import LM_BLOCKS, default_lm_modules, default_representation_layer
 from datafluence.models.training import State, train_classifier_checkpoints
 from datafluence.scores import Scores
 from datafluence.store import RunDir
@@ -27,9 +28,9 @@ from datafluence.tasks import ClassificationTask, Examples, Task
 CURVATURES = ("ekfac", "kfac", "lissa", "cg", "explicit", "identity", "diagonal", "arnoldi")
 METHODS = (*CURVATURES, "tracin", "trak", "gradsim", "repsim", "tfidf")
 TEXT_METHODS = tuple(m for m in METHODS if m != "tracin")
+DAMPED = (*(c for c in CURVATURES if c != "identity"), "trak")
 # Curvature-vector products differentiate twice: attention must be the eager kind.
 SECOND_ORDER = ("cg", "lissa", "arnoldi", "explicit")
-LM_BLOCKS = 2  # default --modules on a language model: the MLPs of the last LM_BLOCKS blocks
 SPURIOUS_THRESHOLD = 2 / 3
 IMAGE_OPTIONS = {
     "data": "--data",
@@ -40,24 +41,6 @@ IMAGE_OPTIONS = {
     "data_dir": "--data-dir",
 }
 TEXT_ONLY_OPTIONS = {"lm": "--lm", "per_token": "--per-token", "prefilter": "--prefilter"}
-
-
-class MLP(nn.Module):
-    """784-256-256-10 ReLU MLP, the influence-function validation model of Grosse et al."""
-
-    def __init__(self, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Reference(NamedTuple):
@@ -157,34 +140,14 @@ def raw_examples(items: list[Any], ids: list[str]) -> Examples:
     return Examples({"row": torch.arange(len(items))}, tuple(ids), tuple(items))
 
 
-def decoder_blocks(model: nn.Module) -> list[str]:
-    """Names of a transformer's blocks: the longest ModuleList (model.layers, transformer.h)."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(
-            f"cannot find the decoder blocks of {type(model).__name__} (no ModuleList); "
-            "name the layers with --modules (and --layer for repsim)"
-        )
-    name, blocks = max(lists, key=lambda item: len(item[1]))
-    return [f"{name}.{i}" for i in range(len(blocks))]
-
-
 def select_modules(model: nn.Module, spec: str | None, text: bool) -> list[str] | None:
     """--modules as names for the methods: comma-separated names or globs; "all" (and the
-    default on a classifier) = None, every Linear/Conv layer. The default on a language model
-    is the MLP projections of its last LM_BLOCKS blocks: attributing through every projection
-    of a 135M model is slow on a CPU, and later MLPs are where Grosse et al. find most of it."""
-    from datafluence.gradients.layers import layer_kind, resolve_layers
+    default on a classifier) = None, every Linear/Conv layer; the default on a language
+    model is the library's (`models.defaults.default_lm_modules`)."""
+    from datafluence.gradients.layers import resolve_layers
 
-    named = dict(model.named_modules())
     if spec is None and text:
-        blocks = decoder_blocks(model)[-LM_BLOCKS:]
-        inside = [
-            n
-            for n, m in named.items()
-            if layer_kind(m) in ("linear", "conv1d") and any(n.startswith(f"{b}.") for b in blocks)
-        ]
-        return [n for n in inside if ".mlp." in n] or inside
+        return default_lm_modules(model)
     if spec is None or spec.strip() == "all":
         return None
     chosen = comma_list(spec)
@@ -194,48 +157,47 @@ def select_modules(model: nn.Module, spec: str | None, text: bool) -> list[str] 
     return [layer.name for layer in resolve_layers(model, chosen)]
 
 
-def default_layer(model: nn.Module, text: bool) -> str:
-    """repsim's layer: a language model's last block output, a classifier's last ReLU."""
-    if text:
-        return decoder_blocks(model)[-1]
-    return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)][-1]
-
-
-def make_method(
+def make_cli_method(
     name: str,
     task: Task | None,
-    model: nn.Module | None,
-    damping: float | None,
+    damping: float | None = None,
+    damping_factor: float | None = None,
     modules: list[str] | None = None,
     layer: str | None = None,
     checkpoints: list[State] | None = None,
     learning_rate: float | None = None,
-):
-    """The method behind a --method name. tracin needs the reference run's `checkpoints` and
-    its `learning_rate` (one per epoch, as Pruthi et al. weight SGD checkpoints)."""
-    from datafluence import methods
-
-    if name == "tfidf":
-        return methods.TextSimilarity(kind="tfidf")
-    assert task is not None and model is not None
-    if name in CURVATURES:
-        return methods.InfluenceFunction(
-            task, curvature=name, damping=damping, modules=modules, progress=False
+    projection_dim: int | None = None,
+) -> Method:
+    """The method behind a --method name, from the library's registry. tracin needs the
+    reference run's `checkpoints` and its `learning_rate` (one per epoch, as Pruthi et al.
+    weight SGD checkpoints). --damping / --damping-factor mean the same for every method."""
+    if (damping is not None or damping_factor is not None) and name not in DAMPED:
+        raise ValueError(
+            f"--damping / --damping-factor do not apply to {name} (it is not damped); "
+            f"they apply to {', '.join(DAMPED)}"
         )
-    if name == "gradsim":
-        return methods.GradientSimilarity(task, kind="cosine", modules=modules, progress=False)
+    if projection_dim is not None and name != "trak":
+        raise ValueError("--projection-dim applies to --method trak only")
+    options: dict[str, Any] = {}
+    if name in DAMPED:
+        options.update(damping=damping, damping_factor=damping_factor)
+    if name == "tfidf":
+        return make_method(name, None)
+    options["progress"] = False
+    if name in CURVATURES or name in ("gradsim", "trak"):
+        options["modules"] = modules
     if name == "tracin":
         if checkpoints is None or learning_rate is None:
             raise ValueError(
                 "tracin needs the reference model's epoch checkpoints and training learning "
                 "rate (reference(..., checkpoints=True))"
             )
-        return methods.TracInCP(task, checkpoints, learning_rate, modules=modules)
-    if name == "trak":
-        return methods.TRAK(task, damping=damping, modules=modules)
-    if layer is None:
-        raise ValueError("repsim needs --layer (a module name)")
-    return methods.RepresentationSimilarity(task, module=layer)
+        options.update(checkpoints=checkpoints, learning_rates=learning_rate, modules=modules)
+    if name == "trak" and projection_dim is not None:
+        options["projection_dim"] = projection_dim
+    if name == "repsim":
+        options["module"] = layer
+    return make_method(name, task, **options)
 
 
 def check_options(
@@ -334,10 +296,6 @@ def spurious_summary(result: Scores, top: int = 10) -> dict[str, Any]:
     }
 
 
-def _takes_run(function: Any) -> bool:
-    return "run" in inspect.signature(function).parameters
-
-
 @click.command("scores")
 @click.option("--method", "method_name", type=click.Choice(METHODS), required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
@@ -352,7 +310,26 @@ def _takes_run(function: Any) -> bool:
 )
 @click.option("--train", "n_train", default=500, show_default=True, help="Training examples.")
 @click.option("--queries", "n_queries", default=50, show_default=True, help="Query examples.")
-@click.option("--damping", type=float, default=None, help="Curvature damping (default per method).")
+@click.option(
+    "--damping",
+    type=float,
+    default=None,
+    help="Absolute damping λ added to the mean curvature (influence functions; TRAK: the mean "
+    "kernel). Means the same for every method.",
+)
+@click.option(
+    "--damping-factor",
+    type=float,
+    default=None,
+    help="Relative damping: λ = factor x the mean eigenvalue (default 0.1 for influence "
+    "functions, 1e-3 for TRAK). Give this or --damping, not both.",
+)
+@click.option(
+    "--projection-dim",
+    type=int,
+    default=None,
+    help="trak: projection dimension k (default 2048; keep it well below --train).",
+)
 @click.option(
     "--epochs",
     default=5,
@@ -410,6 +387,8 @@ def scores_command(
     n_train: int,
     n_queries: int,
     damping: float | None,
+    damping_factor: float | None,
+    projection_dim: int | None,
     epochs: int,
     data_dir: str | None,
     train_file: str | None,
@@ -447,10 +426,19 @@ def scores_command(
         modules = None if model is None else select_modules(model, modules_spec, text)
         layer_given = layer is not None
         if method_name == "repsim" and model is not None:
-            layer = layer or default_layer(model, text)
+            layer = layer or default_representation_layer(model, task)
         if method_name == "explicit" and text and model is not None:
             check_explicit_size(model, modules)
-        method = make_method(method_name, task, model, damping, modules, layer, **tracin)
+        method = make_cli_method(
+            method_name,
+            task,
+            damping,
+            damping_factor,
+            modules,
+            layer,
+            projection_dim=projection_dim,
+            **tracin,
+        )
         settings: dict[str, Any] = {"command": "scores", "method": method_name}
         meta: dict[str, Any] = {"method": method_name}
         if text:
@@ -472,6 +460,10 @@ def scores_command(
                     "optimizer": "adam",
                 }
         settings["damping"] = damping
+        if damping_factor is not None:
+            settings["damping_factor"] = damping_factor
+        if projection_dim is not None:
+            settings["projection_dim"] = projection_dim
         if modules_spec is not None or (text and model is not None):
             settings["modules"] = modules
         if method_name == "repsim" and (text or layer_given):
@@ -481,12 +473,9 @@ def scores_command(
         if per_token:
             settings["per_token"] = True
         run = RunDir(out).open(settings, overwrite=overwrite, **meta)
-        if hasattr(method, "fit"):
-            if _takes_run(method.fit):  # factors saved in the run: reused when resuming
-                with distributed.main_first():  # rank 0 fits and saves, the others load
-                    method.fit(model, train, run=run)
-            else:
-                method.fit(model, train)
+        if method_name != "tfidf":  # factors saved in the run: reused when resuming
+            with distributed.main_first():  # rank 0 fits and saves, the others load
+                method.fit(model, train, run=run)
         if per_token:
             result = method.token_scores(model, train, queries, run=run)
         elif prefilter is not None:
@@ -494,8 +483,7 @@ def scores_command(
 
             result = prefiltered(method, model, train, queries, k=prefilter, run=run)
         else:
-            extra = {"run": run} if _takes_run(method.score) else {}
-            result = method.score(model, train, queries, **extra)
+            result = method.score(model, train, queries, run=run)
         if not distributed.is_main():
             return  # every rank holds the same result; rank 0 alone writes and reports it
         result.save(run.path)

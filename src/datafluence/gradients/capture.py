@@ -17,7 +17,6 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from datafluence import store
 from datafluence.gradients.space import Blocks, ParamSpace
 from datafluence.tasks import Examples, Task, eval_mode
 
@@ -213,8 +212,3 @@ def all_factors(
         name: (torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs]))
         for name, pairs in parts.items()
     }
-
-
-def data_fingerprint(examples: Examples) -> str:
-    """Kept for the methods that still import it: `store.examples_fingerprint` is the one hash."""
-    return store.examples_fingerprint(examples)

@@ -5,7 +5,6 @@ EIF(s -> q) = m(θ_s, q) − m(θ, q), θ_s = K optimizer steps on s alone (or o
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -13,9 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from datafluence import store
 from datafluence.finetune import (
     BatchedFinetuner,
     FinetuneRecipe,
@@ -23,17 +20,18 @@ from datafluence.finetune import (
     finetune_copy,
     measure,
 )
+from datafluence.methods.base import Method, Run, check_chunk_size
 from datafluence.scores import Scores
-from datafluence.store import RunDir
-from datafluence.tasks import Examples, Task
+from datafluence.tasks import Task
 
 
-class EmpiricalInfluence:
+class EmpiricalInfluence(Method):
     """The train x probe matrix of measured changes after real per-example fine-tuning.
 
     `engine="batched"` trains `chunk_size` copies at once (vmap); `engine="naive"` copies
     the model and uses the stock torch optimizer one example at a time (the reference).
-    Both give the same numbers (float32, to ~1e-5).
+    Both give the same numbers (float32, to ~1e-5). `probe_chunk_size`: probes measured
+    per forward pass.
     """
 
     name = "empirical"
@@ -49,16 +47,12 @@ class EmpiricalInfluence:
         progress: bool = True,
         **recipe_fields: Any,
     ) -> None:
+        super().__init__(task, chunk_size=chunk_size, progress=progress)
         if engine not in ("batched", "naive"):
             raise ValueError(f"unknown engine {engine!r}; choose 'batched' or 'naive'")
-        if chunk_size < 1 or probe_chunk_size < 1:
-            raise ValueError("chunk_size and probe_chunk_size must be at least 1")
-        self.task = task
+        self.probe_chunk_size = check_chunk_size(probe_chunk_size, "probe_chunk_size")
         self.recipe = replace(recipe or FinetuneRecipe(), **recipe_fields)
         self.engine = engine
-        self.chunk_size = chunk_size
-        self.probe_chunk_size = probe_chunk_size
-        self.progress = progress
 
     def settings(self) -> dict[str, Any]:
         """What changes the numbers (engine and chunking do not)."""
@@ -67,10 +61,11 @@ class EmpiricalInfluence:
     def score(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
+        train: Any,
+        queries: Any,
+        *,
         groups: Sequence[Sequence[int]] | None = None,
-        run: RunDir | None = None,
+        run: Run = None,
     ) -> Scores:
         """EIF of every training example (or group) on every query.
 
@@ -78,8 +73,8 @@ class EmpiricalInfluence:
         partitions are keyed by a fingerprint of settings, model and data, so partitions
         made under anything else are never reused.
         """
-        self.task.check(train, "training")
-        self.task.check(queries, "probe")
+        call = self.begin(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
         if groups is None:
             groups = [[i] for i in range(len(train))]
             row_ids = train.ids
@@ -87,12 +82,7 @@ class EmpiricalInfluence:
             groups = [list(g) for g in groups]
             _check_groups(groups, len(train))
             row_ids = tuple("+".join(train.ids[i] for i in g) for g in groups)
-        device = _device_of(model)
-        train, queries = train.to(device), queries.to(device)
-        self.task.check_model(model, train, "training")
-        self.task.check_model(model, queries, "probe")
 
-        start = time.perf_counter()
         finetuner = None
         if self.engine == "batched":
             engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
@@ -130,43 +120,10 @@ class EmpiricalInfluence:
                 )
             return delta.cpu().numpy()
 
-        n = len(groups)
-        size = self.chunk_size if self.engine == "batched" else max(1, self.chunk_size)
-        if run is None:
-            values = np.concatenate(
-                [
-                    compute(lo, min(lo + size, n))
-                    for lo in tqdm(
-                        range(0, n, size),
-                        desc="EIF",
-                        unit="chunk",
-                        disable=not self.progress,
-                        leave=False,
-                    )
-                ]
-            )
-        else:
-            key = store.fingerprint(
-                {
-                    "settings": self.settings(),
-                    "model": store.model_fingerprint(model),
-                    "rows": list(row_ids),
-                    "groups": groups,
-                    "train": store.examples_fingerprint(train),
-                    "queries": store.examples_fingerprint(queries),
-                }
-            )
-            values = run.partitioned(
-                f"eif-{key}", n, len(queries), size, compute, desc="EIF", progress=self.progress
-            )
-        settings = {**self.settings(), "seconds": round(time.perf_counter() - start, 3)}
-        return Scores(values, row_ids, queries.ids, method=self.name, settings=settings)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    raise ValueError("the model has no parameters")
+        values = call.table(
+            len(groups), len(queries), compute, key={"rows": list(row_ids), "groups": groups}
+        )
+        return call.finish(values, row_ids, queries.ids)
 
 
 def _check_groups(groups: list[list[int]], n: int) -> None:

@@ -9,40 +9,30 @@ factors when that is cheaper than building per-example weight gradients.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from datafluence import store
-from datafluence.gradients.capture import (
-    Factors,
-    all_factors,
-    check_devices,
-    gradient_factors,
-)
+from datafluence.gradients.capture import Factors, all_factors, gradient_factors
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, squared_norms
-from datafluence.gradients.layers import modules_setting
+from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
-from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
+from datafluence.methods.base import Method, Run
 from datafluence.scores import Scores
-from datafluence.store import RunDir
-from datafluence.tasks import Examples, Task
+from datafluence.tasks import Task
 
 KINDS = ("dot", "cosine")
 
 
-class GradientSimilarity:
+class GradientSimilarity(Method):
     """Dot product or cosine of training-loss and query-measurement gradients.
 
-    `modules`: names or types of the layers to use (None: every Linear, Conv2d and GPT-2
-    Conv1D layer with weights of its own; embeddings only when named).
-    `projection_dim`: project each layer's gradients to this many dimensions with a seeded
-    random matrix (`projection`: "rademacher" or "gaussian") before comparing them.
+    `modules`: names, globs or types of the layers to use (None: every Linear, Conv2d and
+    GPT-2 Conv1D layer with weights of its own; embeddings only when named).
+    `projection_dim`: project each layer's gradients to this many dimensions with a random
+    matrix drawn from `seed` (`projection`: "rademacher" or "gaussian") before comparing them.
     """
 
     name = "gradient_similarity"
@@ -51,26 +41,24 @@ class GradientSimilarity:
         self,
         task: Task,
         kind: str = "dot",
-        modules: str | type | Iterable[str | type] | None = None,
-        projection_dim: int | None = None,
         *,
+        modules: Modules = None,
+        projection_dim: int | None = None,
         projection: str = "rademacher",
         seed: int = 0,
         chunk_size: int = 32,
         progress: bool = True,
     ) -> None:
+        super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        self.task = task
         self.kind = kind
         self.modules = modules
         self.projector = (
-            None if projection_dim is None else RandomProjection(projection_dim, projection, seed)
+            None
+            if projection_dim is None
+            else RandomProjection(projection_dim, projection, self.seed)
         )
-        self.chunk_size = chunk_size
-        self.progress = progress
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -83,20 +71,16 @@ class GradientSimilarity:
     def score(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
+        train: Any,
+        queries: Any,
+        *,
+        run: Run = None,
         per_layer: bool = True,
     ) -> Scores:
         """Scores [n_train, n_query] (+ parts["per_layer"], which sum to the values)."""
-        start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        self.task.check_model(model, train, "training")
-        self.task.check_model(model, queries, "query")
-        run = RunDir(run) if isinstance(run, str | Path) else run
-        space = ParamSpace.of(model, self.modules)
+        call = self.begin(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
+        space = self.space(model)
         factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
         query = {name: self._query_block(space, name, pair) for name, pair in factors.items()}
         query_norms = self._norms(space, factors, query) if self.kind == "cosine" else None
@@ -124,32 +108,15 @@ class GradientSimilarity:
             denom = sq.sqrt()[:, None, None] * query_norms[None, None, :]  # type: ignore[union-attr]
             return torch.where(denom > 0, dots / denom.clamp(min=1e-300), torch.zeros_like(dots))
 
-        values, parts = assemble(
-            train,
-            queries,
-            len(space.layers),
-            self.chunk_size,
-            compute,
-            method="gradsim",
-            key={
-                "settings": self.settings(),
-                "model": store.model_fingerprint(model),
-            },
-            run=run,
-            per_layer=per_layer,
-            progress=self.progress,
+        values, parts = call.layered(
+            len(train), len(queries), len(space.layers), compute, key={}, per_layer=per_layer
         )
-        settings = {
-            **self.settings(),
-            "layers": space.names,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(
+        return call.finish(
             values,
             train.ids,
             queries.ids,
             method=f"gradient_{self.kind}",
-            settings=settings,
+            settings={"layers": space.names},
             parts={} if parts is None else {"per_layer": parts},
         )
 

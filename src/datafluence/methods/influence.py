@@ -20,10 +20,8 @@ on the query side, so every score splits exactly into per-token terms −Σ_laye
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,13 +31,7 @@ from torch import Tensor, nn
 from datafluence import store
 from datafluence.curvature import Curvature, FitContext, make_curvature, persist
 from datafluence.curvature.damping import Damping
-from datafluence.gradients.capture import (
-    all_factors,
-    check_devices,
-    chunks,
-    data_fingerprint,
-    gradient_factors,
-)
+from datafluence.gradients.capture import all_factors, gradient_factors
 from datafluence.gradients.dots import (
     QueryBlock,
     factors_are_cheaper,
@@ -48,21 +40,21 @@ from datafluence.gradients.dots import (
     low_rank,
 )
 from datafluence.gradients.layers import Modules, modules_setting
-from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
+from datafluence.methods.base import SELF_COLUMN, Call, Method, Run
 from datafluence.scores import Scores
-from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
 
 
-class InfluenceFunction:
+class InfluenceFunction(Method):
     """Influence of every training example on every query through a chosen curvature.
 
     `curvature`: "identity", "diagonal", "explicit", "cg", "lissa", "arnoldi", "kfac",
     "ekfac" (strategy options as keywords, e.g. fisher="exact", matrix="hessian"), or a
-    `Curvature` object. `damping`: None for 0.1 x the mean eigenvalue (per layer for
-    block-diagonal strategies), a number, or {layer: number}. `modules`: names or types of
-    the layers to attribute through (None: every Linear, Conv2d and GPT-2 Conv1D layer with
+    `Curvature` object. `damping`: absolute λ on the mean curvature (a number, or {layer:
+    number}); `damping_factor`: λ = factor x the mean eigenvalue (per layer for
+    block-diagonal strategies); neither: factor 0.1. `modules`: names, globs or types of the
+    layers to attribute through (None: every Linear, Conv2d and GPT-2 Conv1D layer with
     weights of its own; embeddings only when named). `query_rank`: keep each preconditioned
     query gradient at this rank per layer (scored from activation/gradient factors without
     building per-example weight gradients; approximate). The task's per-example loss must be
@@ -75,26 +67,22 @@ class InfluenceFunction:
         self,
         task: Task,
         curvature: str | Curvature = "ekfac",
+        *,
         damping: Damping = None,
+        damping_factor: float | None = None,
         modules: Modules = None,
         query_rank: int | None = None,
-        *,
         chunk_size: int = 32,
         seed: int = 0,
         progress: bool = True,
         **options: Any,
     ) -> None:
-        if query_rank is not None and query_rank < 1:
+        super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
+        if query_rank is not None and (isinstance(query_rank, bool) or query_rank < 1):
             raise ValueError(f"query_rank must be at least 1 (or None), got {query_rank}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        self.task = task
-        self.curvature = make_curvature(curvature, damping, **options)
+        self.curvature = make_curvature(curvature, damping, damping_factor, **options)
         self.modules = modules
         self.query_rank = query_rank
-        self.chunk_size = chunk_size
-        self.seed = seed
-        self.progress = progress
         self._fitted_on: str | None = None  # model fingerprint
         self._fitted_data: str | None = None  # training-data fingerprint
 
@@ -108,22 +96,25 @@ class InfluenceFunction:
             **self.task.settings(),
         }
 
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted_on is not None
+
     def fit(
-        self,
-        model: nn.Module,
-        train: Examples,
-        run: RunDir | str | Path | None = None,
-        overwrite: bool = False,
+        self, model: nn.Module, train: Any, *, run: Run = None, overwrite: bool = False
     ) -> InfluenceFunction:
         """Fit the curvature on the training set; with `run`, reuse or save it there."""
-        check_devices(model, [("train", train)])
-        self.task.check(train, "training")
-        self.task.check_model(model, train, "training")
+        call = self.begin(model, run, train=train)
+        self._fit(call, overwrite)
+        return self
+
+    def _fit(self, call: Call, overwrite: bool = False) -> None:
+        model, train = call.model, call.train
+        assert model is not None
         ctx = self._context(model, train)
-        model_fp = store.model_fingerprint(model)
-        settings = {**self.settings(), "train": data_fingerprint(train)}
-        run = as_run(run)
-        directory = None if run is None else run.path / "curvature"
+        model_fp = call.model_fp
+        settings = {**self.settings(), "train": store.examples_fingerprint(train)}
+        directory = None if call.run is None else call.run.path / "curvature"
         if directory is not None and persist.exists(directory) and not overwrite:
             head = persist.header(self.curvature, ctx, settings, model_fp)
             persist.load(directory, self.curvature, ctx, head)
@@ -133,25 +124,26 @@ class InfluenceFunction:
                 head = persist.header(self.curvature, ctx, settings, model_fp)
                 persist.save(directory, self.curvature, head)
         self._fitted_on, self._fitted_data = model_fp, settings["train"]
-        return self
 
     def score(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
+        train: Any,
+        queries: Any,
+        *,
+        run: Run = None,
         per_layer: bool = True,
     ) -> Scores:
         """Scores [n_train, n_query]; parts["per_layer"] [n_layers, n_train, n_query] sum to
         the values exactly. Fits the curvature first if `fit` was not called."""
-        start = time.perf_counter()
-        run, space = self._prepare(model, train, queries, run)
-        query = self._lazy_query_side(model, queries, space)
+        call = self._prepare(model, run, train=train, queries=queries)
+        space = self._space(call.model)
+        train, queries = call.train, call.queries
+        query = self._lazy_query_side(call.model, queries, space)
 
         def compute(lo: int, hi: int) -> Tensor:
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
-            factors = gradient_factors(model, self.task, batch, space, "loss")
+            factors = gradient_factors(call.model, self.task, batch, space, "loss")
             blocks = query()
             return -torch.stack(
                 [
@@ -161,28 +153,23 @@ class InfluenceFunction:
                 dim=1,
             )
 
-        values, parts = assemble(
-            train,
-            queries,
+        values, parts = call.layered(
+            len(train),
+            len(queries),
             len(space.layers),
-            self.chunk_size,
             compute,
-            method="influence",
             key=self._key(),
-            run=run,
             per_layer=per_layer,
-            progress=self.progress,
         )
-        return self._scores(
-            values, {} if parts is None else {"per_layer": parts}, train, queries, space, start
-        )
+        return self._scores(call, values, {} if parts is None else {"per_layer": parts}, space)
 
     def token_scores(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
+        train: Any,
+        queries: Any,
+        *,
+        run: Run = None,
     ) -> Scores:
         """Scores [n_train, n_query] and parts["per_token"] [T, n_train, n_query]: the share
         of each training token position (T = the training examples' padded `input_ids`
@@ -198,16 +185,17 @@ class InfluenceFunction:
         slice_logits=True) are refused. Like `score`, rows stream in chunks and resume from
         a run directory; the result holds T + 1 matrices the size of the values.
         """
-        start = time.perf_counter()
         check_token_layers(self._space(model))
+        call = self._prepare(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
         width = token_width(train)
-        run, space = self._prepare(model, train, queries, run)
-        query = self._lazy_query_side(model, queries, space)
+        space = self._space(call.model)
+        query = self._lazy_query_side(call.model, queries, space)
 
         def compute(lo: int, hi: int) -> Tensor:
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
             with count_calls(space) as calls:
-                factors = gradient_factors(model, self.task, batch, space, "loss")
+                factors = gradient_factors(call.model, self.task, batch, space, "loss")
             fed = token_count(space, factors, calls, width)
             blocks = query()
             first = factors[space.layers[0].name][1]
@@ -219,39 +207,33 @@ class InfluenceFunction:
                 out[:, :fed] -= terms.double()
             return out
 
-        values, parts = assemble(
-            train,
-            queries,
+        values, parts = call.layered(
+            len(train),
+            len(queries),
             width,
-            self.chunk_size,
             compute,
-            method="influence",
             key={**self._key(), "parts": "per_token"},
-            run=run,
             per_layer=True,
-            progress=self.progress,
         )
         assert parts is not None
-        return self._scores(values, {"per_token": parts}, train, queries, space, start)
+        return self._scores(call, values, {"per_token": parts}, space)
 
-    def self_score(
-        self, model: nn.Module, train: Examples, run: RunDir | str | Path | None = None
-    ) -> np.ndarray:
-        """Self-influence score(i, i) for every training example, float32 [n_train].
+    def self_score(self, model: nn.Module, train: Any, *, run: Run = None) -> Scores:
+        """Self-influence score(i, i) for every training example: Scores [n_train, 1].
 
         For classification (m = −L) it is ∇L_iᵀ (G + λI)⁻¹ ∇L_i ≥ 0: how much an example
-        relies on itself; high values flag atypical or mislabelled examples.
+        relies on itself; high values flag atypical or mislabelled examples. Computed from
+        each example's own gradients (never the n x n matrix); resumable with `run`.
         """
-        check_devices(model, [("train", train)])
-        self.task.check(train, "training")
-        run = as_run(run)
-        self._ensure_fitted(model, train, run)
-        space = self._space(model)
-        out = []
-        for _, _, batch in chunks(train, self.chunk_size):
-            loss = gradient_factors(model, self.task, batch, space, "loss")
-            meas = gradient_factors(model, self.task, batch, space, "measure")
-            total = 0
+        call = self._prepare(model, run, train=train)
+        train = call.train
+        space = self._space(call.model)
+
+        def compute(lo: int, hi: int) -> Tensor:
+            batch = {k: v[lo:hi] for k, v in train.tensors.items()}
+            loss = gradient_factors(call.model, self.task, batch, space, "loss")
+            meas = gradient_factors(call.model, self.task, batch, space, "measure")
+            total = torch.zeros(hi - lo, dtype=torch.float64)
             rest = []  # layers the strategy cannot pair from factors: solve their gradients
             for layer in space.layers:
                 pair = None
@@ -260,31 +242,34 @@ class InfluenceFunction:
                 if pair is None:
                     rest.append(layer)
                 else:
-                    total = total - pair
+                    total = total - pair.detach().double().cpu()
             if rest:
                 pre = self.curvature.solve(
                     {l.name: l.per_example(*meas[l.name]) for l in rest}  # noqa: E741
                 )
                 for layer in rest:
                     grads = layer.per_example(*loss[layer.name])
-                    total = total - (grads * pre[layer.name].to(grads.dtype)).sum(dim=(1, 2))
-            out.append(total.detach().double().cpu())
-        return torch.cat(out).numpy().astype(np.float32)
+                    dots = (grads * pre[layer.name].to(grads.dtype)).sum(dim=(1, 2))
+                    total = total - dots.detach().double().cpu()
+            return total[:, None]
+
+        values = call.table(len(train), 1, compute, key={**self._key(), "what": "self_score"})
+        return self._scores(call, values, {}, space, query_ids=(SELF_COLUMN,))
 
     # -- internals --
 
-    def _prepare(
-        self, model: nn.Module, train: Examples, queries: Examples, run: RunDir | str | Path | None
-    ) -> tuple[RunDir | None, ParamSpace]:
-        """Check the inputs and fit the curvature if needed: what every scoring pass does."""
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        self.task.check_model(model, train, "training")
-        self.task.check_model(model, queries, "query")
-        checked = as_run(run)
-        self._ensure_fitted(model, train, checked)
-        return checked, self._space(model)
+    def _prepare(self, model: nn.Module, run: Run, **sets: Any) -> Call:
+        """The shared preparation, then the curvature fitted if it is not yet: what every
+        scoring pass does."""
+        call = self.begin(model, run, **sets)
+        if self._fitted_on is None:
+            self._fit(call)
+        elif call.model_fp != self._fitted_on:
+            raise ValueError(
+                "the curvature was fitted on another model (its weights differ); call "
+                "fit(model, train) again for this model"
+            )
+        return call
 
     def _lazy_query_side(
         self, model: nn.Module, queries: Examples, space: ParamSpace
@@ -301,30 +286,23 @@ class InfluenceFunction:
         return get
 
     def _key(self) -> dict[str, Any]:
-        """What fixes the numbers of a scoring pass (names its partitions)."""
-        return {
-            "settings": self.settings(),
-            "model": self._fitted_on,
-            "fitted_on": self._fitted_data,
-        }
+        """What else fixes the numbers of a scoring pass (names its partitions)."""
+        return {"fitted_model": self._fitted_on, "fitted_on": self._fitted_data}
 
     def _scores(
         self,
+        call: Call,
         values: np.ndarray,
         parts: dict[str, np.ndarray],
-        train: Examples,
-        queries: Examples,
         space: ParamSpace,
-        start: float,
+        query_ids: tuple[str, ...] | None = None,
     ) -> Scores:
-        settings = {
-            **self.settings(),
-            "layers": space.names,
-            "damping_used": dict(self.curvature.lambdas),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(
-            values, train.ids, queries.ids, method=self.name, settings=settings, parts=parts
+        return call.finish(
+            values,
+            call.train.ids,
+            query_ids or call.queries.ids,
+            parts=parts,
+            settings={"layers": space.names, "damping_used": dict(self.curvature.lambdas)},
         )
 
     def _context(self, model: nn.Module, train: Examples) -> FitContext:
@@ -332,23 +310,15 @@ class InfluenceFunction:
             model, self.task, train, self._space(model), self.chunk_size, self.progress, self.seed
         )
 
-    def _space(self, model: nn.Module) -> ParamSpace:
-        return ParamSpace.of(model, self.modules)
-
-    def _ensure_fitted(self, model: nn.Module, train: Examples, run: RunDir | None) -> None:
-        if self._fitted_on is None:
-            self.fit(model, train, run=run)
-            return
-        if store.model_fingerprint(model) != self._fitted_on:
-            raise ValueError(
-                "the curvature was fitted on another model (its weights differ); call "
-                "fit(model, train) again for this model"
-            )
+    def _space(self, model: nn.Module | None) -> ParamSpace:
+        assert model is not None
+        return self.space(model)
 
     def _query_side(
-        self, model: nn.Module, queries: Examples, space: ParamSpace
+        self, model: nn.Module | None, queries: Examples, space: ParamSpace
     ) -> dict[str, QueryBlock]:
         """Query gradients ∇m_j, preconditioned, in the cheapest exact (or low-rank) form."""
+        assert model is not None
         factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
         identity = self.curvature.name == "identity"
         if identity and self.query_rank is None:
@@ -365,12 +335,6 @@ class InfluenceFunction:
         if self.query_rank is None:
             return {n: QueryBlock(dense=v) for n, v in pre.items()}
         return {n: QueryBlock(lowrank=low_rank(v, self.query_rank)) for n, v in pre.items()}
-
-
-def as_run(run: RunDir | str | Path | None) -> RunDir | None:
-    if run is None or isinstance(run, RunDir):
-        return run
-    return RunDir(run)
 
 
 def token_width(train: Examples) -> int:

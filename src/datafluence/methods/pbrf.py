@@ -39,41 +39,42 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from datafluence import store
+from datafluence.curvature.base import FitContext
+from datafluence.curvature.damping import check_damping, resolve
 from datafluence.curvature.fisher import loss_from_outputs
-from datafluence.gradients.capture import batch_size_of, check_devices, data_fingerprint
+from datafluence.curvature.operator import CurvatureOperator, mean_eigenvalue
+from datafluence.gradients.capture import batch_size_of
 from datafluence.gradients.layers import Modules, modules_setting
-from datafluence.gradients.space import ParamSpace
+from datafluence.methods.base import SELF_COLUMN, Method, Run, check_chunk_size
+from datafluence.rows import Rows, resolve_rows
 from datafluence.scores import Scores
-from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task, eval_mode
 
-Rows = Sequence[int | str] | np.ndarray | None
 Preconditioner = Any  # a fitted Curvature, an object with .solve(blocks), or blocks -> blocks
 
 
-class PBRF:
+class PBRF(Method):
     """PBRF scores (m_j(θ_ε) − m_j(θ_s)) / ε for chosen training rows, every query.
 
-    `damping` λ (> 0, one number: use the damping of the influence function it checks),
+    `damping` λ on the mean curvature, as for influence functions (use the damping of the
+    influence function it checks), or `damping_factor` (λ = factor x the mean eigenvalue of
+    the mean Gauss-Newton matrix of the selected layers, a seeded Hutchinson estimate as
+    CG's; default 0.1); the λ used is in `settings["damping_used"]`.
     `epsilon` (None: 1/N, one more copy of the example; negative: removal), `symmetric`
-    (central difference in ε, twice the work), `modules` (which layers move; None: every
-    Linear, Conv2d and GPT-2 Conv1D layer, as InfluenceFunction), `dtype` (None keeps the
-    model's), `rtol` (gradient-norm tolerance relative to the start), `max_iter` (objective
-    evaluations per solve), `history` (L-BFGS pairs), `chunk_size` (training rows per saved
-    partition), `forward_chunk` (examples per forward pass).
+    (central difference in ε, twice the work), `modules` (which layers move; None: the same
+    default selection as InfluenceFunction), `dtype` (None keeps the model's), `rtol`
+    (gradient-norm tolerance relative to the start), `max_iter` (objective evaluations per
+    solve), `history` (L-BFGS pairs), `chunk_size` (training rows per saved partition),
+    `forward_chunk` (examples per forward pass).
 
     `preconditioner`: an approximation of (G + λI)⁻¹ on the model's layer blocks
     {layer: [k, d_out, d_in']}: a fitted curvature (e.g. `InfluenceFunction(task, "ekfac",
@@ -87,9 +88,10 @@ class PBRF:
     def __init__(
         self,
         task: Task,
-        damping: float,
-        epsilon: float | None = None,
         *,
+        damping: float | None = None,
+        damping_factor: float | None = None,
+        epsilon: float | None = None,
         modules: Modules = None,
         symmetric: bool = False,
         dtype: torch.dtype | None = torch.float64,
@@ -99,30 +101,29 @@ class PBRF:
         chunk_size: int = 8,
         forward_chunk: int = 1024,
         preconditioner: Preconditioner | None = None,
+        seed: int = 0,
         progress: bool = True,
     ) -> None:
-        if isinstance(damping, bool) or not isinstance(damping, int | float):
+        super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
+        if isinstance(damping, dict):
             raise TypeError(
-                f"PBRF damping must be one positive number (the λ of the proximal term), got "
-                f"{type(damping).__name__}"
+                "PBRF damping must be one number (the λ of the proximal term), not per layer"
             )
-        if not math.isfinite(damping) or damping <= 0:
-            raise ValueError(
-                f"PBRF damping must be a positive finite number, got {damping}; use the damping "
-                "of the influence function it is compared with"
-            )
+        self.damping, self.damping_factor = check_damping(damping, damping_factor)  # type: ignore[assignment]
         if epsilon is not None and (not math.isfinite(epsilon) or epsilon == 0):
             raise ValueError(
                 f"epsilon must be a non-zero finite number (or None for 1/N), got {epsilon}"
             )
         if not 0 < rtol < 1:
             raise ValueError(f"rtol must lie in (0, 1), got {rtol}")
-        if max_iter < 1 or history < 1 or chunk_size < 1 or forward_chunk < 1:
-            raise ValueError("max_iter, history, chunk_size and forward_chunk must be at least 1")
+        for name, value in (
+            ("max_iter", max_iter),
+            ("history", history),
+            ("forward_chunk", forward_chunk),
+        ):
+            check_chunk_size(value, name)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        self.task = task
-        self.damping = float(damping)
         self.epsilon = None if epsilon is None else float(epsilon)
         self.modules = modules
         self.symmetric = bool(symmetric)
@@ -130,7 +131,6 @@ class PBRF:
         self.rtol = float(rtol)
         self.max_iter = int(max_iter)
         self.history = int(history)
-        self.chunk_size = int(chunk_size)
         self.forward_chunk = int(forward_chunk)
         if preconditioner is not None and not (
             callable(preconditioner) or callable(getattr(preconditioner, "solve", None))
@@ -140,28 +140,39 @@ class PBRF:
                 f"layer blocks; got {type(preconditioner).__name__}"
             )
         self.preconditioner = preconditioner
-        self.progress = progress
 
     def settings(self) -> dict[str, Any]:
         """What changes the numbers (chunking and progress bars do not)."""
         return {
             "damping": self.damping,
+            "damping_factor": self.damping_factor,
             "epsilon": self.epsilon,
             "symmetric": self.symmetric,
             "modules": modules_setting(self.modules),
             "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "rtol": self.rtol,
             "max_iter": self.max_iter,
+            "seed": self.seed,
             **self.task.settings(),
         }
+
+    def damping_for(self, model: nn.Module, train: Examples) -> float:
+        """λ: the absolute damping, or the factor x the mean eigenvalue of the mean
+        Gauss-Newton matrix of the selected layers (Hutchinson, seeded as CG's)."""
+        if self.damping is not None:
+            return float(self.damping)  # type: ignore[arg-type]
+        ctx = FitContext(model, self.task, train, self.space(model), 32, False, self.seed)
+        mean = mean_eigenvalue(CurvatureOperator(ctx, "gn"), seed=self.seed)
+        return resolve(None, self.damping_factor, "*", mean)
 
     def score(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
+        train: Any,
+        queries: Any,
+        *,
         rows: Rows = None,
-        run: RunDir | str | Path | None = None,
+        run: Run = None,
     ) -> Scores:
         """Scores [len(rows), n_query] (rows: positions or ids into `train`; None = all).
 
@@ -170,67 +181,81 @@ class PBRF:
         Solver diagnostics per row (objective evaluations, final relative gradient) are in
         `settings["solver"]`.
         """
-        start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        self.task.check_model(model, train, "training")
-        self.task.check_model(model, queries, "query")
+        call = self.begin(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
         index = _resolve_rows(rows, train)
-        run = RunDir(run) if isinstance(run, str | Path) else run
         eps = self.epsilon_for(len(train))
+        lam = self.damping_for(model, train)
+        table, row_ids = self._rows(model, train, queries, index, eps, lam, call)
+        values = np.asarray(table[:, : len(queries)], dtype=np.float64)
+        return call.finish(
+            values,
+            row_ids,
+            queries.ids,
+            settings=self._diagnostics(table, row_ids, eps, lam, len(train)),
+        )
+
+    def self_score(
+        self, model: nn.Module, train: Any, *, rows: Rows = None, run: Run = None
+    ) -> Scores:
+        """Each training example's PBRF score on itself (the Bregman term over the whole
+        training set, as in `score`): Scores [len(rows), 1]."""
+        call = self.begin(model, run, train=train)
+        train = call.train
+        index = _resolve_rows(rows, train)
+        eps = self.epsilon_for(len(train))
+        lam = self.damping_for(model, train)
+        table, row_ids = self._rows(model, train, train, index, eps, lam, call, own=True)
+        return call.finish(
+            np.asarray(table[:, :1], dtype=np.float64),
+            row_ids,
+            (SELF_COLUMN,),
+            settings=self._diagnostics(table, row_ids, eps, lam, len(train)),
+        )
+
+    def _rows(
+        self,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples,
+        index: np.ndarray,
+        eps: float,
+        lam: float,
+        call: Any,
+        own: bool = False,
+    ) -> tuple[np.ndarray, tuple[str, ...]]:
+        """[scores..., evaluations, relative gradient] per row; `own`: each row's score on
+        its own example only."""
         cache: dict[str, _Problem] = {}
 
         def problem() -> _Problem:
             if "p" not in cache:  # built lazily: a fully resumed run never needs it
-                cache["p"] = _Problem(self, model, train, queries)
+                cache["p"] = _Problem(self, model, train, queries, lam)
             return cache["p"]
+
+        width = (1 if own else len(queries)) + 2
 
         def compute(lo: int, hi: int) -> np.ndarray:
             p = problem()
-            out = np.empty((hi - lo, len(queries) + 2), dtype=np.float64)
+            out = np.empty((hi - lo, width), dtype=np.float64)
             for r, i in enumerate(index[lo:hi]):
-                out[r] = p.row(int(i), eps)
+                row = p.row(int(i), eps)
+                out[r] = np.concatenate([row[[int(i)]], row[-2:]]) if own else row
             return out
 
-        width = len(queries) + 2
-        if run is None:
-            blocks = []
-            bar = tqdm(
-                range(0, len(index), self.chunk_size),
-                desc="PBRF",
-                unit="chunk",
-                disable=not self.progress,
-                leave=False,
-            )
-            for lo in bar:
-                blocks.append(compute(lo, min(lo + self.chunk_size, len(index))))
-            table = np.concatenate(blocks)
-        else:
-            key = store.fingerprint(
-                {
-                    "settings": self.settings(),
-                    "epsilon_used": eps,
-                    "model": store.model_fingerprint(model),
-                    "train": data_fingerprint(train),
-                    "queries": data_fingerprint(queries),
-                    "rows": [int(i) for i in index],
-                }
-            )
-            run.path.mkdir(parents=True, exist_ok=True)
-            table = run.partitioned(
-                f"pbrf-{key}",
-                len(index),
-                width,
-                self.chunk_size,
-                compute,
-                desc="PBRF",
-                progress=self.progress,
-            )
-        values = np.asarray(table[:, : len(queries)], dtype=np.float64)
+        key = {"epsilon_used": eps, "damping_used": lam, "rows": [int(i) for i in index]}
+        if own:
+            key["what"] = "self_score"
+        table = call.table(len(index), width, compute, key=key, desc="PBRF")
+        return table, tuple(train.ids[int(i)] for i in index)
+
+    def _diagnostics(
+        self, table: np.ndarray, row_ids: tuple[str, ...], eps: float, lam: float, n: int
+    ) -> dict[str, Any]:
+        """Settings this call resolved, and the solver's per-row diagnostics (warned about
+        when a solve stopped short of rtol)."""
         evals = np.asarray(table[:, -2], dtype=np.float64)
         rel = np.asarray(table[:, -1], dtype=np.float64)
-        row_ids = tuple(train.ids[int(i)] for i in index)
         stuck = [row_ids[k] for k in np.flatnonzero(~(rel <= self.rtol))]
         if stuck:
             shown = ", ".join(stuck[:5]) + (" and others" if len(stuck) > 5 else "")
@@ -241,12 +266,12 @@ class PBRF:
                 "(ReLU networks stall at the kinks of their objective; float32 stalls earlier "
                 "than float64)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        settings = {
-            **self.settings(),
+        return {
             "epsilon_used": eps,
-            "n_train_total": len(train),
+            "damping_used": lam,
+            "n_train_total": n,
             "preconditioner": None
             if self.preconditioner is None
             else getattr(self.preconditioner, "name", type(self.preconditioner).__name__),
@@ -255,25 +280,22 @@ class PBRF:
                 "relative_gradient": [float(x) for x in rel],
                 "not_converged": stuck,
             },
-            "seconds": round(time.perf_counter() - start, 3),
         }
-        return Scores(values, row_ids, queries.ids, method=self.name, settings=settings)
 
     def epsilon_for(self, n_train: int) -> float:
         """The ε used for a training set of n_train examples (1/N unless given)."""
         return 1.0 / n_train if self.epsilon is None else self.epsilon
 
     def response(
-        self, model: nn.Module, train: Examples, row: int | str, epsilon: float | None = None
+        self, model: nn.Module, train: Any, row: int | str, epsilon: float | None = None
     ) -> dict[str, Tensor]:
         """θ_ε for one training example: {parameter name: tensor} of the moved parameters."""
-        check_devices(model, [("train", train)])
-        self.task.check(train, "training")
+        train = self.begin(model, None, train=train).train
         (i,) = _resolve_rows([row], train)
         eps = self.epsilon_for(len(train)) if epsilon is None else float(epsilon)
         if not math.isfinite(eps) or eps == 0:
             raise ValueError(f"epsilon must be a non-zero finite number, got {eps}")
-        p = _Problem(self, model, train, None)
+        p = _Problem(self, model, train, None, self.damping_for(model, train))
         u, _, _ = p.solve(int(i), eps)
         return p.parameters(u, eps)
 
@@ -282,9 +304,15 @@ class _Problem:
     """One model, training set and query set: objectives and solves for every row."""
 
     def __init__(
-        self, method: PBRF, model: nn.Module, train: Examples, queries: Examples | None
+        self,
+        method: PBRF,
+        model: nn.Module,
+        train: Examples,
+        queries: Examples | None,
+        lam: float,
     ) -> None:
         self.method = method
+        self.lam = lam
         self.task = method.task
         dtype = method.dtype
         work = copy.deepcopy(model)
@@ -297,7 +325,7 @@ class _Problem:
             p.requires_grad_(False)
         self.model = work
         names = {id(p): n for n, p in work.named_parameters()}
-        self.space = ParamSpace.of(work, method.modules)
+        self.space = method.space(work)
         chosen = self.space.parameters()
         missing = [p for p in chosen if id(p) not in names]
         if missing:
@@ -357,7 +385,7 @@ class _Problem:
                 if lo <= i < lo + b:
                     value = value + (losses[i - lo] - loss_s[i - lo]) / eps
                 total = total + value
-            total = total + 0.5 * self.method.damping * (u * u).sum()
+            total = total + 0.5 * self.lam * (u * u).sum()
             (grad,) = torch.autograd.grad(total, u)
         return float(total.detach()), grad.detach()
 
@@ -568,28 +596,7 @@ def _line_search(
 
 
 def _resolve_rows(rows: Rows, train: Examples) -> np.ndarray:
-    """Row positions from positions or ids; checked for range and duplicates."""
-    if rows is None:
-        return np.arange(len(train))
-    items = list(rows.tolist() if isinstance(rows, np.ndarray) else rows)
-    if not items:
-        raise ValueError("rows is empty; give at least one training row (or None for all)")
-    lookup = {name: k for k, name in enumerate(train.ids)}
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            if item not in lookup:
-                raise ValueError(f"no training example with id {item!r}")
-            out.append(lookup[item])
-        elif isinstance(item, int | np.integer) and not isinstance(item, bool):
-            if not 0 <= int(item) < len(train):
-                raise ValueError(f"row {item} is outside the training set (0..{len(train) - 1})")
-            out.append(int(item))
-        else:
-            raise TypeError(f"rows must be positions or ids, got {item!r}")
-    if len(set(out)) != len(out):
-        raise ValueError("rows contain duplicates; give each training row once")
-    return np.asarray(out, dtype=np.int64)
+    return np.asarray(resolve_rows(rows, train), dtype=np.int64)
 
 
 def _cast(examples: Examples, dtype: torch.dtype) -> Examples:

@@ -12,29 +12,27 @@ prefix, so its key/value cache is computed once and reused across the row's quer
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from datafluence import store
 from datafluence.finetune import measure
+from datafluence.methods.base import Method, Run, check_chunk_size
 from datafluence.scores import Scores
-from datafluence.store import RunDir
-from datafluence.tasks import CausalLMTask, Examples, eval_mode, picked_log_probs
+from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode, picked_log_probs
 
 DEFAULT_TEMPLATE = "{context}\n{prompt}"
 
 
-class PromptedInfluence:
+class PromptedInfluence(Method):
     """The in-context counterpart of EmpiricalInfluence for causal language models.
 
     `template` joins a training text (`{context}`) and a query's prompt (`{prompt}`, empty
-    for plain-text queries); it is saved with the scores. Each row's contexts are
-    measured in batches of about `batch_size` sequences.
+    for plain-text queries); it is saved with the scores. `chunk_size` training rows are
+    computed (and saved) at a time, as in every method; `probe_chunk_size` sequences go
+    through the model per forward pass (as in EmpiricalInfluence).
     """
 
     name = "prompted"
@@ -43,12 +41,15 @@ class PromptedInfluence:
         self,
         task: CausalLMTask,
         template: str = DEFAULT_TEMPLATE,
-        batch_size: int = 64,
+        *,
+        chunk_size: int = 8,
+        probe_chunk_size: int = 64,
         reuse_prefix: bool = True,
         progress: bool = True,
     ) -> None:
         if not isinstance(task, CausalLMTask):
             raise TypeError("prompted influence needs a CausalLMTask (text in, text out)")
+        super().__init__(task, chunk_size=chunk_size, progress=progress)
         if template.count("{context}") != 1 or template.count("{prompt}") != 1:
             raise ValueError(
                 f"template {template!r} must contain both {{context}} and {{prompt}} once, "
@@ -62,11 +63,14 @@ class PromptedInfluence:
                 "token cannot be measured the same way with and without context; give queries "
                 "as (prompt, completion) pairs or a tokenizer with a BOS token"
             )
-        self.task = task
+        self.task: CausalLMTask = task
         self.template = template
-        self.batch_size = batch_size
+        self.probe_chunk_size = check_chunk_size(probe_chunk_size, "probe_chunk_size")
         self.reuse_prefix = reuse_prefix
-        self.progress = progress
+
+    @classmethod
+    def supports(cls, task: Task | None) -> bool:
+        return isinstance(task, CausalLMTask)
 
     def settings(self) -> dict[str, Any]:
         return {"template": self.template, **self.task.settings()}
@@ -90,15 +94,16 @@ class PromptedInfluence:
             out.append((head + tail, len(head)))
         return out
 
-    def score(
-        self, model: nn.Module, train: Examples, queries: Examples, run: RunDir | None = None
-    ) -> Scores:
+    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
+        """Scores [n_train, n_query]: the change in each query's log-probability when the
+        training text is placed in front of its prompt."""
+        call = self.begin(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
         contexts = [_as_text(item) for item in _items(train, "training examples")]
-        self.task.check(queries, "probe")
         device = next(model.parameters()).device
-        base = measure(model, self.task, queries.to(device).tensors).double()
+        base = measure(model, self.task, queries.tensors).double()
         rests = self.rests(queries)
-        start = time.perf_counter()
+        step = self.probe_chunk_size
 
         def compute(lo: int, hi: int) -> np.ndarray:
             rows = []
@@ -112,33 +117,18 @@ class PromptedInfluence:
                     self.task.check_model(model, examples, "prompted queries")
                     values = torch.cat(
                         [
-                            measure(model, self.task, examples[s : s + self.batch_size].tensors)
-                            for s in range(0, len(examples), self.batch_size)
+                            measure(model, self.task, examples[s : s + step].tensors)
+                            for s in range(0, len(examples), step)
                         ]
                     )
                 rows.append((values.double() - base).float())
             return torch.stack(rows).cpu().numpy()
 
-        n = len(contexts)
-        per_part = max(1, self.batch_size // max(1, len(queries)))
-        if run is None:
-            bounds = range(0, n, per_part)
-            bar = tqdm(bounds, desc="prompted EIF", disable=not self.progress, leave=False)
-            values = np.concatenate([compute(lo, min(lo + per_part, n)) for lo in bar])
-        else:
-            key = store.fingerprint(
-                {
-                    "settings": self.settings(),
-                    "model": store.model_fingerprint(model),
-                    "train": contexts,
-                    "queries": [list(q) if isinstance(q, tuple) else q for q in queries.items],
-                }
-            )
-            values = run.partitioned(
-                f"prompted-{key}", n, len(queries), per_part, compute, progress=self.progress
-            )
-        settings = {**self.settings(), "seconds": round(time.perf_counter() - start, 3)}
-        return Scores(values, train.ids, queries.ids, method=self.name, settings=settings)
+        texts = [list(q) if isinstance(q, tuple) else q for q in _items(queries, "queries")]
+        values = call.table(
+            len(contexts), len(queries), compute, key={"train_texts": contexts, "queries": texts}
+        )
+        return call.finish(values, train.ids, queries.ids)
 
     @torch.no_grad()
     def _with_cache(
@@ -156,8 +146,8 @@ class PromptedInfluence:
             out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
             last = torch.log_softmax(out.logits[0, -1].float(), -1)
             results = []
-            for s in range(0, len(rests), self.batch_size):
-                chunk = rests[s : s + self.batch_size]
+            for s in range(0, len(rests), self.probe_chunk_size):
+                chunk = rests[s : s + self.probe_chunk_size]
                 width = max(len(ids) for ids, _ in chunk)
                 ids = torch.full((len(chunk), width), int(self.task.tokenizer.pad_token_id))
                 mask = torch.zeros((len(chunk), len(prefix) + width), dtype=torch.long)

@@ -17,19 +17,16 @@ finishes (resumable partitions keyed by settings, weights and data, as for every
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from datafluence import store
-from datafluence.gradients.capture import check_devices, chunks
-from datafluence.gradients.rows import assemble
+from datafluence.gradients.capture import chunks
+from datafluence.methods.base import Method, Run
+from datafluence.models.defaults import default_representation_layer
 from datafluence.scores import Scores
-from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, Examples, Task, eval_mode
 
 KINDS = ("cosine", "dot")
@@ -37,31 +34,35 @@ POOLINGS = ("mean", "last", "flatten")
 SPANS = ("all", "completion")
 
 
-class RepresentationSimilarity:
-    """Similarity of the activations of `module` (a name from model.named_modules())."""
+class RepresentationSimilarity(Method):
+    """Similarity of the activations of `module` (a name from model.named_modules(); None:
+    a language model's last decoder block, a classifier's last activation before its head,
+    see `models.defaults.default_representation_layer`)."""
 
     name = "representation_similarity"
 
     def __init__(
         self,
         task: Task,
-        module: str,
+        module: str | None = None,
+        *,
         kind: str = "cosine",
         pooling: str = "mean",
         span: str = "all",
-        *,
         chunk_size: int = 64,
+        progress: bool = True,
     ) -> None:
+        super().__init__(task, chunk_size=chunk_size, progress=progress)
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         if span not in SPANS:
             raise ValueError(f"unknown span {span!r}; choose one of {SPANS}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        self.task, self.module, self.kind = task, module, kind
-        self.pooling, self.span, self.chunk_size = pooling, span, chunk_size
+        if module is not None and not isinstance(module, str):
+            raise TypeError(f"module must be a module name (str) or None, got {module!r}")
+        self.module, self.kind = module, kind
+        self.pooling, self.span = pooling, span
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -72,34 +73,35 @@ class RepresentationSimilarity:
             **self.task.settings(),
         }
 
+    def layer(self, model: nn.Module) -> str:
+        """The module compared: the one given, or the model's default."""
+        return self.module or default_representation_layer(model, self.task)
+
     def features(self, model: nn.Module, examples: Examples) -> Tensor:
         """One pooled activation vector per example, float64 [N, D]."""
         modules = dict(model.named_modules())
-        if self.module not in modules:
-            close = [n for n in modules if n and (self.module in n or n in self.module)][:8]
+        name = self.layer(model)
+        if name not in modules:
+            close = [n for n in modules if n and (name in n or n in name)][:8]
             hint = f" Similar names: {close}." if close else ""
-            raise ValueError(f"the model has no module named {self.module!r}.{hint}")
+            raise ValueError(f"the model has no module named {name!r}.{hint}")
         captured: list[Tensor] = []
 
         def hook(_module: nn.Module, _inputs: tuple, output: Any) -> None:
             out = output[0] if isinstance(output, tuple | list) else output
             if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"module {self.module!r} returned {type(out).__name__}, not a tensor"
-                )
+                raise TypeError(f"module {name!r} returned {type(out).__name__}, not a tensor")
             captured.append(out.detach())
 
         out = []
-        handle = modules[self.module].register_forward_hook(hook)
+        handle = modules[name].register_forward_hook(hook)
         try:
             with eval_mode(model), torch.no_grad():
                 for _, _, batch in chunks(examples, self.chunk_size):
                     captured.clear()
                     self._forward(model, batch)
                     if not captured:
-                        raise RuntimeError(
-                            f"module {self.module!r} was not called in the forward pass"
-                        )
+                        raise RuntimeError(f"module {name!r} was not called in the forward pass")
                     out.append(self._pool(captured[-1], batch))
         finally:
             handle.remove()
@@ -116,7 +118,7 @@ class RepresentationSimilarity:
         b = next(iter(batch.values())).shape[0]
         if h.shape[0] != b:
             raise ValueError(
-                f"module {self.module!r} output has shape {tuple(h.shape)}, not one row per "
+                f"the compared module's output has shape {tuple(h.shape)}, not one row per "
                 f"example of a batch of {b}"
             )
         h = h.double()
@@ -134,21 +136,12 @@ class RepresentationSimilarity:
         count = weights.sum(dim=1, keepdim=True).clamp(min=1)
         return (h * weights[..., None]).sum(dim=1) / count
 
-    def score(
-        self,
-        model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
-    ) -> Scores:
+    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
         """Scores [n_train, n_query]; with `run`, rows are saved as they finish and a re-run
         computes only the missing ones."""
-        start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        run = RunDir(run) if isinstance(run, str | Path) else run
-        b = self.features(model, queries)  # cheap (one forward pass) and names the dim
+        call = self.begin(model, run, train=train, queries=queries)
+        train = call.train
+        b = self.features(model, call.queries)  # cheap (one forward pass) and names the dim
         if self.kind == "cosine":
             b = _normalise(b)
 
@@ -156,26 +149,15 @@ class RepresentationSimilarity:
             a = self.features(model, train[lo:hi])
             if self.kind == "cosine":
                 a = _normalise(a)
-            return (a @ b.T)[:, None, :]
+            return a @ b.T
 
-        values, _ = assemble(
-            train,
-            queries,
-            1,
-            self.chunk_size,
-            compute,
-            method="repsim",
-            key={"settings": self.settings(), "model": store.model_fingerprint(model)},
-            run=run,
-            per_layer=False,
-        )
-        settings = {
-            **self.settings(),
-            "dim": int(b.shape[1]),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(
-            values, train.ids, queries.ids, method=f"repsim_{self.kind}", settings=settings
+        values = call.table(len(train), len(call.queries), compute, key={})
+        return call.finish(
+            values,
+            train.ids,
+            call.queries.ids,
+            method=f"repsim_{self.kind}",
+            settings={"layer": self.layer(model), "dim": int(b.shape[1])},
         )
 
 

@@ -19,17 +19,14 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from datafluence import store
-from datafluence.gradients.rows import assemble
+from datafluence.methods.base import SELF_COLUMN, Method, Run
 from datafluence.scores import Scores
-from datafluence.store import RunDir
-from datafluence.tasks import Examples
+from datafluence.tasks import CausalLMTask, Examples, Task
 from datafluence.text.bm25 import BM25, bm25_candidates
 from datafluence.text.tfidf import TfidfIndex
 from datafluence.text.tokens import NGram, ngram_range
@@ -79,7 +76,7 @@ def texts_of(
     return [item_text(t) for t in texts], ids
 
 
-class TextSimilarity:
+class TextSimilarity(Method):
     """Lexical similarity of training and query texts.
 
     kind: "tfidf" (TF-IDF cosine, smoothed IDF), "ngram" (cosine of raw n-gram counts) or
@@ -89,6 +86,7 @@ class TextSimilarity:
     """
 
     name = "text_similarity"
+    uses_model = False
 
     def __init__(
         self,
@@ -99,15 +97,19 @@ class TextSimilarity:
         b: float = 0.75,
         sublinear_tf: bool = False,
         chunk_size: int = 1024,
+        progress: bool = True,
     ) -> None:
+        super().__init__(None, chunk_size=chunk_size, progress=progress)
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        self.kind, self.chunk_size = kind, chunk_size
+        self.kind = kind
         self.ngram = ngram_range(ngram)
         self.k1, self.b, self.sublinear_tf = k1, b, sublinear_tf
         self._index().settings()  # checks k1 / b now
+
+    @classmethod
+    def supports(cls, task: Task | None) -> bool:
+        return task is None or isinstance(task, CausalLMTask)
 
     def _index(self) -> BM25 | TfidfIndex:
         if self.kind == "bm25":
@@ -117,6 +119,16 @@ class TextSimilarity:
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, **self._index().settings()}
 
+    def _matrices(self, docs: list[str], asked: list[str]) -> tuple[Any, Any]:
+        """(training rows, query columns as CSC): statistics (IDF, avgdl) from `docs`."""
+        index = self._index().fit(docs)
+        if isinstance(index, BM25):
+            rows, cols = index.weights, index.query_vectors(asked)
+        else:
+            rows, cols = index.vectors, index.vectorize(asked)
+        assert rows is not None
+        return rows, cols.T.tocsc()
+
     def score(
         self,
         model: Any,
@@ -125,51 +137,46 @@ class TextSimilarity:
         *,
         train_texts: Sequence[str] | None = None,
         query_texts: Sequence[str] | None = None,
-        run: RunDir | str | Path | None = None,
+        run: Run = None,
     ) -> Scores:
         """Scores [n_train, n_query]; statistics (IDF, avgdl) come from the training texts.
 
         With `run`, rows are saved as they finish and a re-run computes only the missing ones.
         """
-        start = time.perf_counter()
+        call = self.begin(None, run)
         docs, train_ids = texts_of(train, train_texts, "training examples", "train_texts")
         asked, query_ids = texts_of(queries, query_texts, "query examples", "query_texts")
-        run = RunDir(run) if isinstance(run, str | Path) else run
-        index = self._index().fit(docs)
-        if isinstance(index, BM25):
-            rows, cols = index.weights, index.query_vectors(asked)
-        else:
-            rows, cols = index.vectors, index.vectorize(asked)
-        assert rows is not None
-        cols_t = cols.T.tocsc()
+        rows, cols = self._matrices(docs, asked)
 
-        def compute(lo: int, hi: int) -> torch.Tensor:
-            block = np.asarray((rows[lo:hi] @ cols_t).toarray())
-            return torch.from_numpy(block)[:, None, :]
+        def compute(lo: int, hi: int) -> np.ndarray:
+            return np.asarray((rows[lo:hi] @ cols).toarray())
 
-        values, _ = assemble(
-            _numbered(train_ids),
-            _numbered(query_ids),
-            1,
-            self.chunk_size,
-            compute,
-            method=f"text_{self.kind}",
-            # the texts are the data (examples' tensors play no part here)
-            key={
-                "settings": self.settings(),
-                "train_texts": store.fingerprint(docs),
-                "query_texts": store.fingerprint(asked),
-            },
-            run=run,
-            per_layer=False,
-        )
-        settings = {**self.settings(), "seconds": round(time.perf_counter() - start, 3)}
-        return Scores(values, train_ids, query_ids, method=self.kind, settings=settings)
+        # the texts are the data (examples' tensors play no part here)
+        key = {"train_texts": store.fingerprint(docs), "query_texts": store.fingerprint(asked)}
+        values = call.table(len(docs), len(asked), compute, key=key)
+        return call.finish(values, train_ids, query_ids, method=self.kind)
 
+    def self_score(
+        self,
+        model: Any,
+        train: Texts,
+        *,
+        train_texts: Sequence[str] | None = None,
+        run: Run = None,
+    ) -> Scores:
+        """Each training text against itself, with the statistics of the whole training set
+        (so it equals the diagonal of `score(None, train, train)`): Scores [n_train, 1]."""
+        call = self.begin(None, run)
+        docs, train_ids = texts_of(train, train_texts, "training examples", "train_texts")
+        rows, cols = self._matrices(docs, docs)
 
-def _numbered(ids: tuple[str, ...]) -> Examples:
-    """A stand-in set of examples (ids and row numbers) for the row machinery."""
-    return Examples({"row": torch.arange(len(ids))}, ids)
+        def compute(lo: int, hi: int) -> np.ndarray:
+            block = rows[lo:hi].multiply(cols[:, lo:hi].T.tocsr())
+            return np.asarray(block.sum(axis=1))
+
+        key = {"train_texts": store.fingerprint(docs), "what": "self_score"}
+        values = call.table(len(docs), 1, compute, key=key)
+        return call.finish(values, train_ids, (SELF_COLUMN,), method=self.kind)
 
 
 def prefiltered(
@@ -185,7 +192,7 @@ def prefiltered(
     b: float = 0.75,
     ngram: NGram = 1,
     query_batch: int = 1,
-    run: RunDir | str | Path | None = None,
+    run: Run = None,
     **score_options: Any,
 ) -> Scores:
     """Run `method` only on each query's top-k BM25 training candidates.
@@ -203,6 +210,7 @@ def prefiltered(
     start = time.perf_counter()
     if query_batch < 1:
         raise ValueError(f"query_batch must be at least 1, got {query_batch}")
+    run = store.as_run(run)
     if run is not None:
         if "run" not in inspect.signature(method.score).parameters:
             raise TypeError(
@@ -237,7 +245,6 @@ def prefiltered(
         },
         "query_batch": query_batch,
         "inner": inner.settings,
-        "seconds": round(time.perf_counter() - start, 3),
     }
     return Scores(
         values,
@@ -246,6 +253,7 @@ def prefiltered(
         method=f"{inner.method}+bm25_prefilter",
         settings=settings,
         parts={"candidate": mask},
+        timings={"seconds": round(time.perf_counter() - start, 3)},
     )
 
 

@@ -15,22 +15,20 @@ the model's own weights are put back afterwards.
 
 from __future__ import annotations
 
-import time
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from datafluence import store
-from datafluence.gradients.capture import all_factors, check_devices, chunks, gradient_factors
+from datafluence.gradients.capture import all_factors, gradient_factors
 from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
 from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
-from datafluence.gradients.rows import assemble
 from datafluence.gradients.space import ParamSpace
+from datafluence.methods.base import SELF_COLUMN, Call, Method, Run
 from datafluence.models.checkpoints import (
     Checkpoint,
     check_checkpoints,
@@ -38,17 +36,18 @@ from datafluence.models.checkpoints import (
     using_checkpoint,
 )
 from datafluence.scores import Scores
-from datafluence.store import RunDir
-from datafluence.tasks import Examples, Task
+from datafluence.store import model_fingerprint
+from datafluence.tasks import Task
 
 
-class TracInCP:
+class TracInCP(Method):
     """Σ over checkpoints of learning rate × gradient dot product.
 
     `checkpoints`: state dicts or paths (None: the model's current weights, one checkpoint).
-    `learning_rates`: one per checkpoint (a single number applies to all). `modules` and
-    `projection_dim` / `projection` / `seed` as in GradientSimilarity; one projection
-    serves every checkpoint.
+    `learning_rates`: one per checkpoint (a single number applies to all). None is allowed
+    for a single checkpoint only: η = 1, with a warning that the scale is then arbitrary.
+    `modules` and `projection_dim` / `projection` / `seed` as in GradientSimilarity; one
+    projection serves every checkpoint.
     """
 
     name = "tracin"
@@ -56,17 +55,32 @@ class TracInCP:
     def __init__(
         self,
         task: Task,
-        checkpoints: Sequence[Checkpoint] | None,
-        learning_rates: Sequence[float] | float,
+        checkpoints: Sequence[Checkpoint] | None = None,
+        learning_rates: Sequence[float] | float | None = None,
+        *,
         modules: Modules = None,
         projection_dim: int | None = None,
-        *,
         projection: str = "rademacher",
         seed: int = 0,
         chunk_size: int = 32,
-        progress: bool = False,
+        progress: bool = True,
     ) -> None:
+        super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
         self.checkpoints = check_checkpoints(checkpoints)
+        if learning_rates is None:
+            if len(self.checkpoints) > 1:
+                raise ValueError(
+                    f"{len(self.checkpoints)} checkpoints need their learning rates: give "
+                    "learning_rates (one per checkpoint, or one number for all)"
+                )
+            warnings.warn(
+                "TracInCP with one checkpoint and no learning rate uses η = 1: the ranking is "
+                "the gradient dot product's, but the scale is arbitrary; give learning_rates "
+                "(the training run's) for scores on the run's scale",
+                UserWarning,
+                stacklevel=2,
+            )
+            learning_rates = 1.0
         if isinstance(learning_rates, int | float):
             learning_rates = [float(learning_rates)] * len(self.checkpoints)
         self.learning_rates = [float(lr) for lr in learning_rates]
@@ -77,15 +91,12 @@ class TracInCP:
             )
         if not all(np.isfinite(self.learning_rates)):
             raise ValueError(f"learning rates must be finite, got {self.learning_rates}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-        self.task = task
         self.modules = modules
         self.projector = (
-            None if projection_dim is None else RandomProjection(projection_dim, projection, seed)
+            None
+            if projection_dim is None
+            else RandomProjection(projection_dim, projection, self.seed)
         )
-        self.chunk_size = chunk_size
-        self.progress = progress
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -99,95 +110,76 @@ class TracInCP:
     def score(
         self,
         model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
+        train: Any,
+        queries: Any,
+        *,
+        run: Run = None,
         per_layer: bool = True,
     ) -> Scores:
         """Scores [n_train, n_query] (+ parts["per_layer"], summing to the values).
 
         With `run`, each checkpoint's rows are saved as they finish and a re-run resumes.
         """
-        start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(train, "training")
-        self.task.check(queries, "query")
-        run = RunDir(run) if isinstance(run, str | Path) else run
+        call = self.begin(model, run, train=train, queries=queries)
         values: np.ndarray | None = None
         parts: np.ndarray | None = None
         fingerprints = []
         space_names: list[str] = []
-        for k, (checkpoint, lr) in enumerate(
-            zip(self.checkpoints, self.learning_rates, strict=True)
-        ):
+        for checkpoint, lr in zip(self.checkpoints, self.learning_rates, strict=True):
             with using_checkpoint(model, checkpoint):
-                if k == 0:
-                    self.task.check_model(model, train, "training")
-                    self.task.check_model(model, queries, "query")
-                fingerprints.append(store.model_fingerprint(model))
-                v, p, space_names = self._one(model, train, queries, run, per_layer)
+                fingerprints.append(model_fingerprint(model))
+                v, p, space_names = self._one(call, fingerprints[-1], per_layer)
             values = v * lr if values is None else values + v * lr
             if p is not None:
                 parts = p * lr if parts is None else parts + p * lr
         assert values is not None
-        settings = {
-            **self.settings(),
-            "layers": space_names,
-            "checkpoint_fingerprints": fingerprints,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(
+        return call.finish(
             values.astype(np.float32),
-            train.ids,
-            queries.ids,
-            method=self.name,
-            settings=settings,
+            call.train.ids,
+            call.queries.ids,
+            settings={"layers": space_names, "checkpoint_fingerprints": fingerprints},
             parts={} if parts is None else {"per_layer": parts.astype(np.float32)},
         )
 
-    def self_score(self, model: nn.Module, train: Examples) -> np.ndarray:
-        """Self-influence score(i, i) for every training example, float32 [n_train].
+    def self_score(self, model: nn.Module, train: Any, *, run: Run = None) -> Scores:
+        """Self-influence score(i, i) for every training example: Scores [n_train, 1].
 
         For m = −L it is Σ_k η_k |∇L_i(θ_k)|², the learning-rate weighted squared gradient
         norms along the run: examples the run kept pushing hard on (mislabelled or atypical
         ones) score high (Pruthi et al. 2020, Section 4.1). Equals the diagonal of
         `score(model, train, train)` (projection included) without the n x n matrix.
         """
-        check_devices(model, [("train", train)])
-        self.task.check(train, "training")
-        total = np.zeros(len(train))
-        for k, (checkpoint, lr) in enumerate(
-            zip(self.checkpoints, self.learning_rates, strict=True)
-        ):
+        call = self.begin(model, run, train=train)
+        examples = call.train
+        total = np.zeros((len(examples), 1))
+        for checkpoint, lr in zip(self.checkpoints, self.learning_rates, strict=True):
             with using_checkpoint(model, checkpoint):
-                if k == 0:
-                    self.task.check_model(model, train, "training")
-                space = ParamSpace.of(model, self.modules)
-                out = []
-                for _, _, batch in chunks(train, self.chunk_size):
+                space = self.space(model)
+
+                def compute(lo: int, hi: int, space: ParamSpace = space) -> Tensor:
+                    batch = {k: v[lo:hi] for k, v in examples.tensors.items()}
                     loss = gradient_factors(model, self.task, batch, space, "loss")
                     meas = gradient_factors(model, self.task, batch, space, "measure")
-                    value = torch.zeros(len(next(iter(batch.values()))), dtype=torch.float64)
+                    value = torch.zeros(hi - lo, dtype=torch.float64)
                     for layer in space.layers:
                         sides = [layer.per_example(*f[layer.name]) for f in (loss, meas)]
                         if self.projector is not None:
                             sides = [self.projector.project(layer.name, s) for s in sides]
                         dots = (sides[0] * sides[1]).flatten(1).sum(1)
                         value = value - dots.detach().double().cpu()
-                    out.append(value)
-            total += lr * torch.cat(out).numpy()
-        return total.astype(np.float32)
+                    return value[:, None]
+
+                key = {"what": "self_score", "checkpoint": model_fingerprint(model)}
+                total += lr * call.table(len(examples), 1, compute, key=key).astype(np.float64)
+        return call.finish(total.astype(np.float32), examples.ids, (SELF_COLUMN,))
 
     def _one(
-        self,
-        model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | None,
-        per_layer: bool,
+        self, call: Call, checkpoint_fp: str, per_layer: bool
     ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
         """Unweighted dot products at the loaded checkpoint (float64)."""
-        space = ParamSpace.of(model, self.modules)
+        model, train, queries = call.model, call.train, call.queries
+        assert model is not None
+        space = self.space(model)
         cache: dict[str, dict[str, QueryBlock]] = {}
 
         def compute(lo: int, hi: int) -> Tensor:
@@ -207,20 +199,13 @@ class TracInCP:
                     out.append(projected @ query[layer.name].dense.T)  # type: ignore[union-attr]
             return -torch.stack(out, dim=1)
 
-        values, parts = assemble(
-            train,
-            queries,
+        values, parts = call.layered(
+            len(train),
+            len(queries),
             len(space.layers),
-            self.chunk_size,
             compute,
-            method="tracin",
-            key={
-                "settings": {**self.settings(), "checkpoints": None, "learning_rates": None},
-                "model": store.model_fingerprint(model),
-            },
-            run=run,
+            key={"checkpoint": checkpoint_fp},
             per_layer=per_layer,
-            progress=self.progress,
         )
         values = np.asarray(values, dtype=np.float64)
         parts = None if parts is None else np.asarray(parts, dtype=np.float64)

@@ -13,10 +13,12 @@ Scores, averaged over the M checkpoints as in Park et al. (Algorithm 1):
 
 Positive: training on i raises the query's margin (makes its label more likely), the
 package's sign convention. The query side is always the margin of the query's own label,
-whatever the task's `measurement`. `damping` λ: None for 1e-3 × the mean eigenvalue of
-ΦᵀΦ (tr/k; keeps the solve well-posed when k ≥ N; per checkpoint), a number for a fixed λ,
-or 0 for none (a pseudo-inverse then drops null directions). The reference implementation
-uses no ridge and, optionally, soft-thresholding of the scores; neither is reproduced.
+whatever the task's `measurement`. Damping has the meaning it has for every method
+(`curvature.damping`): `damping=λ` is added to the MEAN kernel ΦᵀΦ / N, i.e. λ_m = N λ on
+ΦᵀΦ (0 for none: a pseudo-inverse then drops null directions); `damping_factor=f` gives
+λ = f × the mean eigenvalue of the mean kernel (the default f = 1e-3 keeps the solve
+well-posed when k ≥ N; per checkpoint). The reference implementation uses no ridge and,
+optionally, soft-thresholding of the scores; neither is reproduced.
 
 Language models (CausalLMTask): f = Σ_t log(p_t/(1 − p_t)) over the completion tokens and
 Q = the mean over those tokens of (1 − p_t), exact for one completion token and an
@@ -30,9 +32,8 @@ train x query matrix never sits in memory at once.
 
 from __future__ import annotations
 
-import time
+import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,16 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from datafluence import store
-from datafluence.gradients.capture import (
-    check_devices,
-    chunks,
-    data_fingerprint,
-    gradient_factors,
-)
+from datafluence.curvature.damping import check_damping
+from datafluence.gradients.capture import chunks, gradient_factors
 from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
-from datafluence.gradients.rows import assemble
-from datafluence.gradients.space import ParamSpace
+from datafluence.methods.base import Method, Run
 from datafluence.models.checkpoints import (
     Checkpoint,
     check_checkpoints,
@@ -60,7 +56,7 @@ from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, ClassificationTask, Examples, Task
 
-RELATIVE_DAMPING = 1e-3
+DEFAULT_FACTOR = 1e-3
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
@@ -142,13 +138,14 @@ class _OutputTask:
         return {**self.base.settings(), "measurement": self.measurement}
 
 
-class TRAK:
+class TRAK(Method):
     """TRAK attribution with ensembling over checkpoints.
 
     `checkpoints`: state dicts or paths loaded into the model in turn (None: the model's own
     weights). `projection_dim`: k (None: no projection, the raw gradient; small models only,
-    the kernel is P x P). `projection`: "rademacher" or "gaussian", seeded by `seed`.
+    the kernel is P x P). `projection`: "rademacher" or "gaussian", drawn from `seed`.
     `modules`: the layers whose parameters are used (as in InfluenceFunction).
+    `damping` / `damping_factor`: see the module docstring.
     """
 
     name = "trak"
@@ -157,37 +154,38 @@ class TRAK:
         self,
         task: Task,
         checkpoints: Sequence[Checkpoint] | None = None,
+        *,
         projection_dim: int | None = 2048,
         damping: float | None = None,
-        seed: int = 0,
-        *,
+        damping_factor: float | None = None,
         modules: Modules = None,
         projection: str = "rademacher",
+        seed: int = 0,
         chunk_size: int = 32,
+        progress: bool = True,
     ) -> None:
-        if damping is not None and not (np.isfinite(damping) and damping >= 0):
-            raise ValueError(f"damping must be a number >= 0 or None, got {damping}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
+        if isinstance(damping, Mapping):
+            raise TypeError("TRAK takes one damping number (its kernel is not split by layer)")
+        self.damping, self.damping_factor = check_damping(  # type: ignore[assignment]
+            damping, damping_factor, allow_zero=True
+        )
         check_supported(task)
-        self.task = task
         self.checkpoints = check_checkpoints(checkpoints)
         self.projector = (
-            None if projection_dim is None else RandomProjection(projection_dim, projection, seed)
+            None
+            if projection_dim is None
+            else RandomProjection(projection_dim, projection, self.seed)
         )
-        self.damping = None if damping is None else float(damping)
-        self.seed = int(seed)
         self.modules = modules
-        self.chunk_size = chunk_size
         self._fitted: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
         return {
             "checkpoints": [describe_checkpoint(c) for c in self.checkpoints],
             "projection": None if self.projector is None else self.projector.settings(),
-            "damping": self.damping
-            if self.damping is not None
-            else f"{RELATIVE_DAMPING} x mean eig",
+            "damping": self.damping,
+            "damping_factor": self.damping_factor,
             "modules": modules_setting(self.modules),
             "output": "margin log(p/(1-p))",
             "out_to_loss": "1 - p",
@@ -195,27 +193,37 @@ class TRAK:
             **self.task.settings(),
         }
 
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted is not None
+
     # -- fitting: training features and kernels --
 
-    def fit(
-        self, model: nn.Module, train: Examples, run: RunDir | str | Path | None = None
-    ) -> TRAK:
+    def fit(self, model: nn.Module, train: Any, *, run: Run = None) -> TRAK:
         """Training features Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹ and Q for every checkpoint.
 
         With `run`, each checkpoint's Φ_m and Q_m are saved there as they finish (among the
         run's partitions, so `drop_partitions` frees them) and reused by a re-run.
         """
-        check_devices(model, [("train", train)])
-        self.task.check(train, "training")
-        run = RunDir(run) if isinstance(run, str | Path) else run
+        call = self.begin(model, run, train=train)
+        train = call.train
+        if self.projector is not None and self.projector.dim >= len(train):
+            warnings.warn(
+                f"TRAK's projection_dim={self.projector.dim} is at least the number of training "
+                f"examples ({len(train)}): the kernel then fits every training example exactly, "
+                "every leverage tends to 1 and the scores collapse onto the loss ranking; "
+                f"choose projection_dim well below {len(train)} (e.g. {max(1, len(train) // 4)})",
+                UserWarning,
+                stacklevel=2,
+            )
         features, qs, lambdas, fingerprints = [], [], [], []
+        layers: list[str] = []
         for m, checkpoint in enumerate(self.checkpoints):
             with using_checkpoint(model, checkpoint):
-                if m == 0:
-                    self.task.check_model(model, train, "training")
                 fingerprints.append(store.model_fingerprint(model))
-                phi, q = self._train_features(model, train, m, fingerprints[-1], run)
-            x, lam = _kernel_features(phi, self.damping)
+                layers = self.space(model).names
+                phi, q = self._train_features(model, train, m, fingerprints[-1], call.run)
+            x, lam = _kernel_features(phi, self.damping, self.damping_factor)
             features.append(x.to(phi.dtype))
             qs.append(q.double())
             lambdas.append(lam)
@@ -224,9 +232,10 @@ class TRAK:
             "q": torch.stack(qs).mean(0),
             "ids": train.ids,
             "index": {i: n for n, i in enumerate(train.ids)},
-            "data": data_fingerprint(train),
+            "data": store.examples_fingerprint(train),
             "models": fingerprints,
             "damping_used": lambdas,
+            "layers": layers,
             "dim": int(features[0].shape[1]),
         }
         return self
@@ -264,7 +273,7 @@ class TRAK:
 
     def _features(self, model: nn.Module, examples: Examples, m: int) -> tuple[Tensor, Tensor]:
         """Output-function gradient features [N, k] (projected or raw) and Q [N]."""
-        space = ParamSpace.of(model, self.modules)
+        space = self.space(model)
         out_task = _OutputTask(self.task)
         # A fresh projector per checkpoint: its matrix cache then holds this checkpoint's
         # matrices only (the projection is a pure function of seed and name either way).
@@ -285,32 +294,22 @@ class TRAK:
 
     # -- scoring --
 
-    def score(
-        self,
-        model: nn.Module,
-        train: Examples,
-        queries: Examples,
-        run: RunDir | str | Path | None = None,
-    ) -> Scores:
+    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
         """Scores [n_train, n_query]; fits on `train` first if `fit` was not called.
 
         After fit, `train` may be the fitted set or a subset of it (matched by id), e.g. a
         query's pre-filtered candidates. With `run`, the fit's features and the score rows
         are saved as they finish and a re-run computes only what is missing.
         """
-        start = time.perf_counter()
-        check_devices(model, [("train", train), ("queries", queries)])
-        self.task.check(queries, "query")
-        run = RunDir(run) if isinstance(run, str | Path) else run
+        call = self.begin(model, run, train=train, queries=queries)
+        train, queries = call.train, call.queries
         if self._fitted is None:
-            self.fit(model, train, run=run)
+            self.fit(model, train, run=call.run)
         fitted = self._fitted
         assert fitted is not None
         rows = self._rows(train)
         for m, checkpoint in enumerate(self.checkpoints):
             with using_checkpoint(model, checkpoint):
-                if m == 0:
-                    self.task.check_model(model, queries, "query")
                 if store.model_fingerprint(model) != fitted["models"][m]:
                     raise ValueError(
                         f"checkpoint {m} ({describe_checkpoint(checkpoint)}) differs from the one "
@@ -328,31 +327,25 @@ class TRAK:
                 for m, phi_q in enumerate(cache["query"])
             )
             values = (total / n) * fitted["q"][idx, None].to(total.device)  # type: ignore[union-attr]
-            return values[:, None, :]
+            return values
 
         n = len(self.checkpoints)
-        values, _ = assemble(
-            train,
-            queries,
-            1,
-            self.chunk_size,
+        values = call.table(
+            len(train),
+            len(queries),
             compute,
-            method="trak",
-            key={
-                "settings": self.settings(),
-                "models": fitted["models"],
-                "fitted_on": fitted["data"],
-            },
-            run=run,
-            per_layer=False,
+            key={"models": fitted["models"], "fitted_on": fitted["data"]},
         )
-        settings = {
-            **self.settings(),
-            "damping_used": fitted["damping_used"],
-            "feature_dim": fitted["dim"],
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        return Scores(values, train.ids, queries.ids, method=self.name, settings=settings)
+        return call.finish(
+            values,
+            train.ids,
+            queries.ids,
+            settings={
+                "layers": fitted["layers"],
+                "damping_used": fitted["damping_used"],
+                "feature_dim": fitted["dim"],
+            },
+        )
 
     def _query_features(self, model: nn.Module, queries: Examples, m: int) -> Tensor:
         """Query features φ_m(z_j) [Q, k] in float64 at checkpoint m."""
@@ -364,7 +357,7 @@ class TRAK:
         fitted = self._fitted
         assert fitted is not None
         if train.ids == fitted["ids"]:
-            if data_fingerprint(train) != fitted["data"]:
+            if store.examples_fingerprint(train) != fitted["data"]:
                 raise ValueError(
                     "the training examples differ from those TRAK was fitted on (same ids, other "
                     "data); call fit(model, train) again"
@@ -379,8 +372,11 @@ class TRAK:
         return torch.as_tensor([fitted["index"][i] for i in train.ids], dtype=torch.long)
 
 
-def _kernel_features(phi: Tensor, damping: float | None) -> tuple[Tensor, float]:
-    """Φ (ΦᵀΦ + λI)⁻¹ [N, k] in float64, and λ; null directions dropped when λ = 0.
+def _kernel_features(
+    phi: Tensor, damping: float | None, damping_factor: float | None
+) -> tuple[Tensor, float]:
+    """Φ (ΦᵀΦ + NλI)⁻¹ [N, k] in float64, and λ (on the mean kernel ΦᵀΦ / N); null
+    directions dropped when λ = 0.
 
     Solved in the smaller of the two spaces: with N < k through the N x N Gram matrix, as
     Φ (ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹ Φ (pseudo-inverses alike when λ = 0).
@@ -389,9 +385,13 @@ def _kernel_features(phi: Tensor, damping: float | None) -> tuple[Tensor, float]
     n, k = phi.shape
     dual = n < k
     gram = phi @ phi.T if dual else phi.T @ phi
-    lam = RELATIVE_DAMPING * float(torch.trace(gram)) / k if damping is None else damping
+    if damping is None:  # the mean kernel's mean eigenvalue is tr(ΦᵀΦ) / (N k)
+        factor = DEFAULT_FACTOR if damping_factor is None else damping_factor
+        lam = factor * float(torch.trace(gram)) / (n * k)
+    else:
+        lam = damping
     eig, vec = torch.linalg.eigh(gram)
-    shifted = eig.clamp(min=0) + lam
+    shifted = eig.clamp(min=0) + n * lam
     tol = shifted.max().clamp(min=1e-300) * max(n, k) * torch.finfo(torch.float64).eps
     inv = torch.where(shifted > tol, 1.0 / shifted, torch.zeros_like(shifted))
     if dual:
