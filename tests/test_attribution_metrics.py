@@ -20,11 +20,12 @@ from datafluence.metrics.attribution import (
 from datafluence.scores import Scores
 
 
-def scores_of(values, train=None, queries=None, method="m", **settings) -> Scores:
+def scores_of(values, train=None, queries=None, method="m", seconds=None, **settings) -> Scores:
     values = np.asarray(values, dtype=np.float64)
     train = train or [f"t{i}" for i in range(values.shape[0])]
     queries = queries or [f"q{j}" for j in range(values.shape[1])]
-    return Scores(values, train, queries, method=method, settings=settings)
+    timings = {} if seconds is None else {"seconds": seconds}
+    return Scores(values, train, queries, method=method, settings=settings, timings=timings)
 
 
 def subset_truth(n_train=12, n_query=3, n_subsets=40, seed=0):

@@ -209,6 +209,16 @@ def all_factors(
         for name, pair in gradient_factors(model, task, batch, space, which).items():
             parts[name].append(pair)
     return {
-        name: (torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs]))
+        name: (_cat_tokens([a for a, _ in pairs]), _cat_tokens([g for _, g in pairs]))
         for name, pairs in parts.items()
     }
+
+
+def _cat_tokens(blocks: list[Tensor]) -> Tensor:
+    """Chunks of factors [B, T, d] joined along B; a chunk of shorter sequences (a causal
+    LM's forward stops at its chunk's last predicting token) is zero-padded to the longest T,
+    which adds nothing to any Σ_t g_t a_tᵀ."""
+    if len(blocks) > 1 and blocks[0].ndim == 3:
+        width = max(b.shape[1] for b in blocks)
+        blocks = [torch.nn.functional.pad(b, (0, 0, 0, width - b.shape[1])) for b in blocks]
+    return torch.cat(blocks)

@@ -27,8 +27,9 @@ precision long before gradients do); values only veto clear increases, which kee
 honest on ReLU networks, whose PBRF objective has kinks (there the gradient norm stalls
 around 1e-3..1e-2 of its start and the solves end on their budget; the warning and
 `settings["solver"]` say so). The L-BFGS curvature pairs are carried from one training
-example to the next (warm start): the problems share their Hessian G + λI up to the ε L_i
-term. A `preconditioner` (any approximation of (G + λI)⁻¹, e.g. a fitted EK-FAC) becomes
+example to the next within a chunk of `chunk_size` rows (warm start): the problems share
+their Hessian G + λI up to the ε L_i term; each chunk starts afresh, so a resumed or
+sharded run gives the same rows as an uninterrupted one. A `preconditioner` (any approximation of (G + λI)⁻¹, e.g. a fitted EK-FAC) becomes
 L-BFGS's initial inverse Hessian: with a good one a solve takes a handful of evaluations
 instead of hundreds, and the answer stays the PBRF's (the stopping rule reads the true
 gradient). Work runs in float64 by default on a copy of the model; only the parameters of
@@ -237,6 +238,9 @@ class PBRF(Method):
 
         def compute(lo: int, hi: int) -> np.ndarray:
             p = problem()
+            # warm starts within a chunk only: every chunk is then the same function of its
+            # rows, so a resumed (or sharded) run equals an uninterrupted one exactly
+            p.memory.clear()
             out = np.empty((hi - lo, width), dtype=np.float64)
             for r, i in enumerate(index[lo:hi]):
                 row = p.row(int(i), eps)

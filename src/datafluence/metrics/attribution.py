@@ -313,7 +313,7 @@ def compare(
     metric: str | MetricFn = "pbrf",
 ) -> pd.DataFrame:
     """One row per method, one column per scalar the metric returns (lists are left out),
-    plus "seconds" when a method's Scores settings record it.
+    plus "seconds" when a method's Scores record their timings.
 
     `metric`: "lds", "loo", "pbrf" or any function (scores, ground_truth) -> dict.
     """
@@ -335,7 +335,7 @@ def compare(
             for k, v in result.items()
             if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
         }
-        if isinstance(scores, Scores) and "seconds" in scores.settings:
-            row["seconds"] = float(scores.settings["seconds"])
+        if isinstance(scores, Scores) and "seconds" in scores.timings:
+            row["seconds"] = float(scores.timings["seconds"])
         rows.append(pd.Series(row, name=str(name)))
     return pd.DataFrame(rows)
