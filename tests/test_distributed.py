@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import _examples, _tiny_model
+from helpers import random_examples as _examples
+from helpers import tiny_model as _tiny_model
 
 from datafluence import distributed
 from datafluence.methods import EmpiricalInfluence, InfluenceFunction

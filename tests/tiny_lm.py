@@ -59,3 +59,37 @@ def tiny_llama(tokenizer: Any, seed: int = 0, **config: Any) -> Any:
             **config,
         )
     ).eval()
+
+
+# The small models several LM test modules share (tests/methods/test_lm.py, prefix packing).
+CORPUS = [
+    "a wug is a blicket. all blickets have a dax. in winter, frogs hibernate in the mud.",
+    "every cat is an animal. the dog causes the rain. a bird has a nest.",
+]
+
+
+def llama(tokenizer, dtype=torch.float32) -> Any:
+    return tiny_llama(
+        tokenizer,
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ).to(dtype)
+
+
+def gpt2(tokenizer) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config).eval()

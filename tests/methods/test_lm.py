@@ -12,13 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
-from tiny_lm import bpe_tokenizer, tiny_llama  # noqa: E402
-from transformers import (  # noqa: E402
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from tiny_lm import CORPUS, bpe_tokenizer, gpt2, llama  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from datafluence.datasets.domains import (  # noqa: E402
     CONTROL_ID,
@@ -34,41 +29,11 @@ from datafluence.metrics import logic  # noqa: E402
 from datafluence.scores import Scores  # noqa: E402
 from datafluence.tasks import CausalLMTask  # noqa: E402
 
-CORPUS = [
-    "a wug is a blicket. all blickets have a dax. in winter, frogs hibernate in the mud.",
-    "every cat is an animal. the dog causes the rain. a bird has a nest.",
-]
-
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE tokenizer: pseudo-words split into several pieces."""
     return bpe_tokenizer(CORPUS * 5, vocab_size=320)
-
-
-def llama(tokenizer, dtype=torch.float32) -> LlamaForCausalLM:
-    return tiny_llama(
-        tokenizer,
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    ).to(dtype)
-
-
-def gpt2(tokenizer) -> GPT2LMHeadModel:
-    torch.manual_seed(1)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 ITEMS = [

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from test_lm import CORPUS, gpt2, llama  # noqa: E402
-from tiny_lm import CharTokenizer, bpe_tokenizer  # noqa: E402
+from tiny_lm import CORPUS, CharTokenizer, bpe_tokenizer, gpt2, llama  # noqa: E402  # noqa: E402
 
 from datafluence.finetune.prefix_pack import (  # noqa: E402
     measure_packed,
