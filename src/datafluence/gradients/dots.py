@@ -12,6 +12,7 @@ g_tᵀ Q_j a_t per training token t (`layer_token_dots`), whatever form Q_j is h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -130,3 +131,14 @@ def low_rank(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     r = min(rank, s.shape[-1])
     u = u[..., :r] * s[..., None, :r]
     return u.to(matrices.dtype), vh[..., :r, :].transpose(-1, -2).to(matrices.dtype)
+
+
+def query_block(layer: Layer, a: Tensor, g: Tensor, projector: Any = None) -> QueryBlock:
+    """Query gradients of one layer in the cheapest exact form the training side can be
+    contracted with: projected (with `projector`, a RandomProjection), activation/gradient
+    factors where they are smaller than the weight gradients, else dense gradients."""
+    if projector is not None:
+        return QueryBlock(dense=projector.project(layer.name, layer.per_example(a, g)))
+    if factors_are_cheaper(layer, a.shape[1]):
+        return QueryBlock(factors=(a, g))
+    return QueryBlock(dense=layer.per_example(a, g))

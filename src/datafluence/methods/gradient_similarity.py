@@ -15,7 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from datafluence.gradients.capture import Factors, all_factors, gradient_factors
-from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots, squared_norms
+from datafluence.gradients.dots import (
+    QueryBlock,
+    layer_dots,
+    query_block,
+    squared_norms,
+)
 from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.space import ParamSpace
@@ -82,7 +87,9 @@ class GradientSimilarity(Method):
         train, queries = call.train, call.queries
         space = self.space(model)
         factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
-        query = {name: self._query_block(space, name, pair) for name, pair in factors.items()}
+        query = {
+            n: query_block(space.by_name[n], a, g, self.projector) for n, (a, g) in factors.items()
+        }
         query_norms = self._norms(space, factors, query) if self.kind == "cosine" else None
 
         def compute(lo: int, hi: int) -> Tensor:
@@ -119,15 +126,6 @@ class GradientSimilarity(Method):
             settings={"layers": space.names},
             parts={} if parts is None else {"per_layer": parts},
         )
-
-    def _query_block(self, space: ParamSpace, name: str, pair: tuple[Tensor, Tensor]) -> QueryBlock:
-        layer = space.by_name[name]
-        a, g = pair
-        if self.projector is not None:
-            return QueryBlock(dense=self.projector.project(name, layer.per_example(a, g)))
-        if factors_are_cheaper(layer, a.shape[1]):
-            return QueryBlock(factors=(a, g))
-        return QueryBlock(dense=layer.per_example(a, g))
 
     def _norms(self, space: ParamSpace, factors: Factors, query: dict[str, QueryBlock]) -> Tensor:
         """Each query gradient's norm (of its projection, when projecting)."""

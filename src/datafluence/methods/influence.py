@@ -34,10 +34,10 @@ from datafluence.curvature.damping import Damping
 from datafluence.gradients.capture import all_factors, gradient_factors
 from datafluence.gradients.dots import (
     QueryBlock,
-    factors_are_cheaper,
     layer_dots,
     layer_token_dots,
     low_rank,
+    query_block,
 )
 from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.space import ParamSpace
@@ -322,14 +322,7 @@ class InfluenceFunction(Method):
         factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
         identity = self.curvature.name == "identity"
         if identity and self.query_rank is None:
-            out = {}
-            for layer in space.layers:
-                a, g = factors[layer.name]
-                if factors_are_cheaper(layer, a.shape[1]):
-                    out[layer.name] = QueryBlock(factors=(a, g))
-                else:
-                    out[layer.name] = QueryBlock(dense=layer.per_example(a, g))
-            return out
+            return {n: query_block(space.by_name[n], a, g) for n, (a, g) in factors.items()}
         grads = {n: space.by_name[n].per_example(a, g) for n, (a, g) in factors.items()}
         pre = self.curvature.solve(grads)
         if self.query_rank is None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from datafluence.gradients.capture import all_factors, gradient_factors
-from datafluence.gradients.dots import QueryBlock, factors_are_cheaper, layer_dots
+from datafluence.gradients.dots import QueryBlock, layer_dots, query_block
 from datafluence.gradients.layers import Modules, modules_setting
 from datafluence.gradients.projection import RandomProjection
 from datafluence.gradients.space import ParamSpace
@@ -185,7 +185,10 @@ class TracInCP(Method):
         def compute(lo: int, hi: int) -> Tensor:
             if "query" not in cache:
                 factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
-                cache["query"] = {n: self._query_block(space, n, f) for n, f in factors.items()}
+                cache["query"] = {
+                    n: query_block(space.by_name[n], a, g, self.projector)
+                    for n, (a, g) in factors.items()
+                }
             query = cache["query"]
             batch = {key: v[lo:hi] for key, v in train.tensors.items()}
             factors = gradient_factors(model, self.task, batch, space, "loss")
@@ -210,12 +213,3 @@ class TracInCP(Method):
         values = np.asarray(values, dtype=np.float64)
         parts = None if parts is None else np.asarray(parts, dtype=np.float64)
         return values, parts, space.names
-
-    def _query_block(self, space: ParamSpace, name: str, pair: tuple[Tensor, Tensor]) -> QueryBlock:
-        layer = space.by_name[name]
-        a, g = pair
-        if self.projector is not None:
-            return QueryBlock(dense=self.projector.project(name, layer.per_example(a, g)))
-        if factors_are_cheaper(layer, a.shape[1]):
-            return QueryBlock(factors=(a, g))
-        return QueryBlock(dense=layer.per_example(a, g))
