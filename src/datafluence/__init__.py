@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
         "datafluence.tasks",
     ),
     # results and run directories
+    "examples": "datafluence.data",
     "Scores": "datafluence.scores",
     "RunDir": "datafluence.store",
     # fine-tuning recipe, curvature strategies, models
@@ -88,6 +89,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from datafluence import curvature, datasets, groundtruth, methods, metrics, simfluence
     from datafluence.curvature import Curvature
+    from datafluence.data import examples
     from datafluence.finetune import FinetuneRecipe
     from datafluence.methods import (
         ALIASES,

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from datafluence import distributed, progress, store
+from datafluence.data import examples as data_examples
 from datafluence.gradients.space import ParamSpace
 from datafluence.models.defaults import default_modules
 from datafluence.scores import Scores
@@ -90,14 +91,10 @@ def place(examples: Examples, device: torch.device, role: str) -> Examples:
     return Examples(moved, examples.ids, examples.items)
 
 
-def to_examples(data: Any, role: str) -> Examples:
-    """The data of one side as `Examples` (the conversion every entry point runs once)."""
-    if isinstance(data, Examples):
-        return data
-    raise TypeError(
-        f"the {role} examples must be datafluence Examples (task.examples(...)), got "
-        f"{type(data).__name__}"
-    )
+def to_examples(data: Any, task: Task | None, role: str) -> Examples:
+    """The data of one side as `Examples` (the conversion every entry point runs once):
+    Examples, a Dataset, a DataLoader, a Hugging Face dataset, a list (`datafluence.data`)."""
+    return data_examples(data, task, role)
 
 
 class Method(ABC):
@@ -188,7 +185,7 @@ class Method(ABC):
         checked: dict[str, Examples] = {}
         for side, data in sets.items():
             role = ROLES.get(side, side)
-            examples = to_examples(data, role)
+            examples = to_examples(data, self.task, role)
             if device is not None:
                 examples = place(examples, device, role)
             if self.task is not None:
@@ -196,7 +193,19 @@ class Method(ABC):
                 if device is not None:
                     self.task.check_model(model, examples, role)
             checked[side] = examples
+        _same_fields(checked)
         return Call(self, model, store.as_run(run), checked, start)
+
+
+def _same_fields(sets: Mapping[str, Examples]) -> None:
+    """Every side must hold the same tensors (the model reads them all alike)."""
+    names = {side: sorted(ex.tensors) for side, ex in sets.items()}
+    if len({tuple(v) for v in names.values()}) > 1:
+        shown = "; ".join(f"{ROLES.get(s, s)}: {v}" for s, v in names.items())
+        raise ValueError(
+            f"the training and query examples hold different fields ({shown}); give both "
+            "sides the same keys"
+        )
 
 
 def progress_flag(value: Any) -> bool:
