@@ -5,6 +5,7 @@ EIF(s -> q) = m(θ_s, q) − m(θ, q), θ_s = K optimizer steps on s alone (or o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -84,13 +85,18 @@ class EmpiricalInfluence(Method):
             row_ids = tuple("+".join(train.ids[i] for i in g) for g in groups)
 
         finetuner = None
+        engine_used = "naive"
         if self.engine == "batched":
             engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
             finetuner = engine(model, self.task, self.recipe)
+            engine_used = engine.__name__
+            if engine is BatchedFinetuner and not _runs_under_vmap(finetuner, train, groups):
+                finetuner, engine_used = None, "naive (the model does not run under vmap)"
+        if finetuner is not None:
             # the untouched model measured the way the copies will be: the same float32
             # rounding on both sides of each difference
             base = finetuner.measure(finetuner.unchanged(), queries, self.probe_chunk_size)[0]
-        else:
+        else:  # the naive reference loop: the stock optimizer on a copy, one row at a time
             base = measure(model, self.task, queries.tensors)
         base = base.double()  # LM measurements are float64 sums: subtract before rounding
         if not torch.isfinite(base).all():
@@ -123,7 +129,7 @@ class EmpiricalInfluence(Method):
         values = call.table(
             len(groups), len(queries), compute, key={"rows": list(row_ids), "groups": groups}
         )
-        return call.finish(values, row_ids, queries.ids)
+        return call.finish(values, row_ids, queries.ids, settings={"engine_used": engine_used})
 
 
 def _check_groups(groups: list[list[int]], n: int) -> None:
@@ -135,3 +141,24 @@ def _check_groups(groups: list[list[int]], n: int) -> None:
         bad = [i for i in g if not 0 <= i < n]
         if bad:
             raise ValueError(f"group indices {bad} are outside the training set (0..{n - 1})")
+
+
+def _runs_under_vmap(finetuner: BatchedFinetuner, train: Any, groups: list[list[int]]) -> bool:
+    """Whether the batched engine can fine-tune this model: one step on the first group,
+    tried once per call. Models with data-dependent control flow, `.item()`, `nonzero` or
+    in-place buffer updates fail under vmap; EIF then runs the naive loop (the same numbers,
+    slower) and says so in one warning."""
+    try:
+        finetuner.finetune(train, groups[:1], ("probe",))
+    except FloatingPointError:
+        return True  # the engine runs; the loop will name the example that diverges
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"EIF: the model does not run under torch.func.vmap ({first}); fine-tuning one "
+            "copy at a time with the naive engine instead (the same numbers, slower)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
