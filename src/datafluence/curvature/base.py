@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from datafluence.curvature.damping import Damping, check_damping, resolve
 from datafluence.gradients.capture import chunks
 from datafluence.gradients.layers import Layer
 from datafluence.gradients.space import Blocks, ParamSpace
+from datafluence.progress import bar as progress_bar
 from datafluence.tasks import Examples, Task
 
 
@@ -39,13 +39,8 @@ class FitContext:
 
     def batches(self, desc: str = "curvature") -> Iterator[dict[str, Tensor]]:
         total = -(-len(self.train) // self.chunk_size)
-        for _, _, batch in tqdm(
-            chunks(self.train, self.chunk_size),
-            total=total,
-            desc=desc,
-            unit="chunk",
-            disable=not self.progress,
-            leave=False,
+        for _, _, batch in progress_bar(
+            chunks(self.train, self.chunk_size), progress=self.progress, total=total, desc=desc
         ):
             yield batch
 

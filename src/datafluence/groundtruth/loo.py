@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from datafluence import store
 from datafluence.groundtruth.training import (
@@ -31,6 +30,7 @@ from datafluence.groundtruth.training import (
     init_fingerprints,
     retrain_and_measure,
 )
+from datafluence.progress import bar as progress_bar
 from datafluence.rows import Rows, resolve_rows
 from datafluence.scores import Scores
 from datafluence.store import RunDir
@@ -85,7 +85,7 @@ def leave_one_out(
         full = torch.stack([full_for(s) for s in seeds])  # [S, Q]
         effects = np.empty((n_s, n_r, n_q), dtype=np.float64)
         jobs = [(r, k) for r in range(n_r) for k in range(n_s)]
-        for r, k in tqdm(jobs, desc="LOO", unit="fit", disable=not progress, leave=False):
+        for r, k in progress_bar(jobs, progress=progress, desc="LOO", unit="fit"):
             after = retrain_and_measure(
                 train_fn, model_factory, without(index[r]), seeds[k], task, queries
             )

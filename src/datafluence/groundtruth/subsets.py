@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from datafluence import store
 from datafluence.groundtruth.training import (
@@ -29,6 +28,7 @@ from datafluence.groundtruth.training import (
     init_fingerprints,
     retrain_and_measure,
 )
+from datafluence.progress import bar as progress_bar
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
 
@@ -201,8 +201,8 @@ def subset_retraining(
         table = np.concatenate(
             [
                 compute(job, job + 1)
-                for job in tqdm(
-                    range(n_jobs), desc="subsets", unit="fit", disable=not progress, leave=False
+                for job in progress_bar(
+                    range(n_jobs), progress=progress, desc="subsets", unit="fit"
                 )
             ]
         )

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from datafluence import store
+from datafluence.progress import bar as progress_bar
 
 State = dict[str, Tensor]
 
@@ -131,7 +131,7 @@ def _fit(
     model.train()
     n = images.shape[0]
     steps = recipe.epochs * ((n + recipe.batch_size - 1) // recipe.batch_size)
-    bar = tqdm(total=steps, desc=f"training {name}", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(progress=progress, total=steps, desc=f"training {name}", unit="step")
     states: list[State] = []
     for _ in range(recipe.epochs):
         order = torch.randperm(n, generator=gen)
