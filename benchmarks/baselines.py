@@ -123,14 +123,22 @@ def main() -> None:
         "gradient cosine (reference)": lambda: GradientSimilarity(
             task, "cosine", progress=False, chunk_size=100
         ),
-        "TracIn-CP, 3 ckpts, exact": lambda: TracInCP(task, checkpoints, rates, chunk_size=100),
-        "TracIn-CP, 3 ckpts, k=512": lambda: TracInCP(
-            task, checkpoints, rates, projection_dim=512, chunk_size=250
+        "TracIn-CP, 3 ckpts, exact": lambda: TracInCP(
+            task, checkpoints, rates, chunk_size=100, progress=False
         ),
-        "TRAK, 1 ckpt, k=512": lambda: TRAK(task, checkpoints[-1:], 512, chunk_size=250),
-        "TRAK, 3 ckpts, k=512": lambda: TRAK(task, checkpoints, 512, chunk_size=250),
-        "TRAK, 1 ckpt, k=2048": lambda: TRAK(task, checkpoints[-1:], 2048, chunk_size=250),
-        "RepSim cosine (hidden layer)": lambda: RepresentationSimilarity(task, "2"),
+        "TracIn-CP, 3 ckpts, k=512": lambda: TracInCP(
+            task, checkpoints, rates, projection_dim=512, chunk_size=250, progress=False
+        ),
+        "TRAK, 1 ckpt, k=512": lambda: TRAK(
+            task, checkpoints[-1:], projection_dim=512, chunk_size=250, progress=False
+        ),
+        "TRAK, 3 ckpts, k=512": lambda: TRAK(
+            task, checkpoints, projection_dim=512, chunk_size=250, progress=False
+        ),
+        "TRAK, 1 ckpt, k=2048": lambda: TRAK(
+            task, checkpoints[-1:], projection_dim=2048, chunk_size=250, progress=False
+        ),
+        "RepSim cosine (hidden layer)": lambda: RepresentationSimilarity(task, "2", progress=False),
     }
     rows = []
     for name, make in model_methods.items():
@@ -144,11 +152,17 @@ def main() -> None:
     docs = synthetic_corpus(args.docs, 20000, seed=0)
     asked = synthetic_corpus(100, 20000, seed=1)
     text_methods: dict[str, Callable[[], object]] = {
-        "BM25 scores (unigram)": lambda: TextSimilarity("bm25").score(None, docs, asked),
+        "BM25 scores (unigram)": lambda: TextSimilarity("bm25", progress=False).score(
+            None, docs, asked
+        ),
         "BM25 top-1000 candidates": lambda: bm25_candidates(docs, asked, k=1000),
-        "BM25 scores (1-2 grams)": lambda: TextSimilarity("bm25", (1, 2)).score(None, docs, asked),
-        "TF-IDF cosine (unigram)": lambda: TextSimilarity("tfidf").score(None, docs, asked),
-        "TF-IDF cosine (1-2 grams)": lambda: TextSimilarity("tfidf", (1, 2)).score(
+        "BM25 scores (1-2 grams)": lambda: TextSimilarity("bm25", (1, 2), progress=False).score(
+            None, docs, asked
+        ),
+        "TF-IDF cosine (unigram)": lambda: TextSimilarity("tfidf", progress=False).score(
+            None, docs, asked
+        ),
+        "TF-IDF cosine (1-2 grams)": lambda: TextSimilarity("tfidf", (1, 2), progress=False).score(
             None, docs, asked
         ),
     }

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -169,11 +169,11 @@ class RunDir:
         data and model fingerprints); execution details such as chunk sizes go in `meta`.
         Under torchrun every rank calls it: rank 0 claims, the others then join.
         """
-        settings = json.loads(json.dumps(settings, default=str))
+        claimed: dict[str, Any] = json.loads(json.dumps(settings, default=str))
         # Under torchrun rank 0 checks, clears and creates; the others then find its
         # meta.json with the same settings and write nothing.
         with distributed.main_first():
-            return self._claim(settings, overwrite and distributed.is_main(), meta)
+            return self._claim(claimed, overwrite and distributed.is_main(), meta)
 
     def _claim(self, settings: dict[str, Any], overwrite: bool, meta: dict[str, Any]) -> RunDir:
         if self.path.exists() and not self.path.is_dir():
@@ -313,6 +313,7 @@ class RunDir:
         bar.close()
         if sharded:
             return _assemble_shared(name, folder, bounds, paths, n_rows, n_cols, dest)
+        assert out is not None  # one process: `_assembly` made it above
         return _finish(out, tmp_dest, dest)
 
     def drop_partitions(self, name: str | None = None) -> None:
@@ -336,7 +337,7 @@ def _assembly(n_rows: int, n_cols: int, dest: str | Path | None) -> tuple[np.nda
 def _finish(out: np.ndarray, tmp_dest: Path | None, dest: str | Path | None) -> np.ndarray:
     if tmp_dest is None:
         return out
-    out.flush()
+    cast(np.memmap, out).flush()  # `_assembly` memory-maps it whenever there is a tmp_dest
     del out
     os.replace(tmp_dest, dest)  # type: ignore[arg-type]
     return np.load(dest, mmap_mode="r")  # type: ignore[arg-type]

@@ -178,8 +178,10 @@ class LiSSA(MatrixFree):
             self.scale_used = 1.1 * (largest_eigenvalue(self.op, seed=ctx.seed) + self.lambdas["*"])
 
     def state(self) -> dict[str, Tensor]:
+        base = super().state()
+        assert self.scale_used is not None  # set by fit or load
         return {
-            **super().state(),
+            **base,
             "scale": torch.tensor(float(self.scale_used), dtype=torch.float64),
         }
 

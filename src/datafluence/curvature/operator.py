@@ -80,7 +80,7 @@ class CurvatureOperator:
         """[P, k] -> tensors aligned with `parameters()` (in their dtype), leading dim k."""
         space = self.ctx.space
         blocks = space.unflatten(vectors.T.contiguous())
-        out = []
+        out: list[Tensor] = []
         for layer in space.layers:
             dtype = layer.weight.dtype
             out.extend(t.to(dtype) for t in layer.from_matrix(blocks[layer.name]))

@@ -31,6 +31,7 @@ from datafluence.datasets import (
 )
 from datafluence.experiments._cli import cli_errors, comma_floats
 from datafluence.finetune import FinetuneRecipe
+from datafluence.finetune.recipe import Optimizer
 from datafluence.methods import EmpiricalInfluence
 from datafluence.metrics import desiderata
 from datafluence.models import SmallCNN, TrainRecipe, evaluate_accuracy, train_classifier
@@ -271,7 +272,7 @@ def command(
     noise: str,
     steps: int,
     lr: float,
-    optimizer: str,
+    optimizer: Optimizer,
     epochs: int,
     digits: str,
     data_dir: str | None,

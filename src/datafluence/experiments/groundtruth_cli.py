@@ -21,7 +21,13 @@ from datafluence.experiments import scores_cli
 from datafluence.experiments._cli import cli_errors, comma_list
 from datafluence.groundtruth import SubsetRetraining, Trainer, leave_one_out, subset_retraining
 from datafluence.groundtruth.subsets import META_KEY as SUBSETS_KEY
-from datafluence.metrics.attribution import compare, lds, loo_correlation, pbrf_agreement
+from datafluence.metrics.attribution import (
+    ScoresLike,
+    compare,
+    lds,
+    loo_correlation,
+    pbrf_agreement,
+)
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 
@@ -299,10 +305,10 @@ def load_ground_truth(path: str) -> tuple[str, str, Any, Any]:
     if SUBSETS_KEY in RunDir(path).meta():
         truth = SubsetRetraining.load(path)
         return "lds", f"LDS over {truth.n_subsets} retrained subsets", truth, lds
-    truth = _load_scores(path, "--against")
-    if truth.method == "loo":
-        return "loo", "Correlation with leave-one-out retraining", truth, loo_correlation
-    return "scores", f"Correlation with {truth.method} scores", truth, pbrf_agreement
+    reference = _load_scores(path, "--against")
+    if reference.method == "loo":
+        return "loo", "Correlation with leave-one-out retraining", reference, loo_correlation
+    return "scores", f"Correlation with {reference.method} scores", reference, pbrf_agreement
 
 
 def _load_scores(path: str, role: str) -> Scores:
@@ -360,7 +366,7 @@ def evaluate_command(runs: tuple[str, ...], against: str, as_json: bool) -> None
         estimates = {run: _load_scores(run, "RUN") for run in runs}
         results: dict[str, dict[str, Any]] = {}
 
-        def recorded(scores: Scores, ground_truth: Any) -> dict[str, Any]:
+        def recorded(scores: ScoresLike, ground_truth: Any) -> dict[str, Any]:
             run = runs[len(results)]  # compare calls this once per run, in order
             try:
                 results[run] = metric(scores, ground_truth)

@@ -23,6 +23,7 @@ from datafluence import store
 from datafluence.datasets.domains import Instance, available_domains, instantiate, load_domain
 from datafluence.experiments._cli import cli_errors, comma_list
 from datafluence.finetune import FinetuneRecipe
+from datafluence.finetune.recipe import Optimizer
 from datafluence.methods import EmpiricalInfluence
 from datafluence.methods.prompted import DEFAULT_TEMPLATE, PromptedInfluence
 from datafluence.metrics import desiderata, logic
@@ -263,7 +264,7 @@ def command(
     instances: int,
     steps: int,
     lr: float,
-    optimizer: str,
+    optimizer: Optimizer,
     lora_rank: int,
     lora_targets: str,
     template: str,

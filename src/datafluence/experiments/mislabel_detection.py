@@ -276,7 +276,7 @@ def plot_curves(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, curve in curves.items():
         checked = np.linspace(0, 1, len(curve))
-        style = {"color": "grey", "linestyle": ":"} if name == "random" else {}
+        style: dict[str, Any] = {"color": "grey", "linestyle": ":"} if name == "random" else {}
         ax.plot(checked, curve, label=name, linewidth=1.4, **style)
     ax.plot(
         [0, flip_fraction, 1], [0, 1, 1], color="black", linestyle="--", linewidth=0.8,

@@ -6,7 +6,7 @@ Composition only: models, data and methods come from the library.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import click
 import numpy as np
@@ -24,6 +24,9 @@ from datafluence.models.training import State, train_classifier_checkpoints
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import ClassificationTask, Examples, Task
+
+if TYPE_CHECKING:
+    from datafluence.methods.influence import InfluenceFunction
 
 CURVATURES = ("ekfac", "kfac", "lissa", "cg", "explicit", "identity", "diagonal", "arnoldi")
 METHODS = (*CURVATURES, "tracin", "trak", "gradsim", "repsim", "tfidf")
@@ -81,7 +84,7 @@ def reference(
             f"{data} has too few examples for {n_train} training and {n_queries} query examples"
         )
     recipe = TrainRecipe(epochs=epochs)
-    training = {
+    training: dict[str, Any] = {
         "make_model": SmallCNN if model_name == "cnn" else MLP,
         "images": train_set.images,
         "labels": train_set.labels,
@@ -477,7 +480,9 @@ def scores_command(
             with distributed.main_first():  # rank 0 fits and saves, the others load
                 method.fit(model, train, run=run)
         if per_token:
-            result = method.token_scores(model, train, queries, run=run)
+            # --per-token is checked to name a curvature: an InfluenceFunction
+            influence = cast("InfluenceFunction", method)
+            result = influence.token_scores(model, train, queries, run=run)
         elif prefilter is not None:
             from datafluence.methods import prefiltered
 

@@ -192,7 +192,7 @@ class SimfluenceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        unused = ("texts", "lora_rank", "lora_targets") if not self.is_lm else ()
+        unused: tuple[str, ...] = ("texts", "lora_rank", "lora_targets") if not self.is_lm else ()
         unused += ("dataset", "pretrain_size", "pretrain_epochs", "hidden") if self.is_lm else ()
         return {k: v for k, v in out.items() if k not in unused}
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from datafluence.finetune.recipe import FinetuneRecipe
+from datafluence.finetune.recipe import FinetuneRecipe, Optimizer
 
 Params = dict[str, Tensor]
 
@@ -100,7 +100,7 @@ def _fusable(recipe: FinetuneRecipe, params: Params) -> bool:
 
 
 @functools.cache
-def _fused_available(optimizer: str, device_type: str, dtype: torch.dtype) -> bool:
+def _fused_available(optimizer: Optimizer, device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch build has the fused Adam(W) kernel for the device type and dtype.
 
     Private torch API: it may be missing (CPU support came in torch 2.4) or lack a backend,

@@ -10,8 +10,9 @@ vmapped (they branch on tensor values).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -128,8 +129,8 @@ class LoRAFinetuner:
                         f"non-finite loss at fine-tuning step {t} on {names}; lower the "
                         "learning rate or check those examples"
                     )
-                grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
-                grads = dict(zip(leaves, grads, strict=True))
+                grad_list = torch.autograd.grad(losses.sum(), list(leaves.values()))
+                grads = dict(zip(leaves, grad_list, strict=True))
                 functional_optim.step(self.recipe, params, grads, state, t)
         return params
 
@@ -147,7 +148,9 @@ class LoRAFinetuner:
         n = next(iter(params.values())).shape[0]
         if self._packing_ok(probes):
             with self._frozen_base(), self.attached(params):
-                return measure_packed(self.model, self.task, probes.tensors, n, probe_chunk)
+                # `_packing_ok` holds for causal LM tasks only
+                task = cast(CausalLMTask, self.task)
+                return measure_packed(self.model, task, probes.tensors, n, probe_chunk)
         per_forward = max(1, probe_chunk // n)
         order = _by_length(probes.tensors)
         cols = []
@@ -161,7 +164,7 @@ class LoRAFinetuner:
         return out
 
 
-def _by_length(tensors: dict[str, Tensor]) -> Tensor:
+def _by_length(tensors: Mapping[str, Tensor]) -> Tensor:
     """Probe indices sorted (stably) by the position of their last scored token."""
     mask = tensors["target_mask"]  # CausalLMTask examples always carry it
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ def finetune_copy(
         return peft_copy(model, task, recipe, batch, label)
     tuned = copy.deepcopy(model).eval()
     names = set(recipe.trainable_names(tuned))
-    params = []
+    params: list[Tensor] = []
     for name, p in tuned.named_parameters():
         p.requires_grad_(name in names)
         if name in names:
@@ -57,7 +58,7 @@ def peft_copy(
     spec = LoRASpec.of(model, recipe)
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=cast(int, spec.alpha),  # peft annotates int; it takes any number
         target_modules=list(spec.dims),
         lora_dropout=0.0,
         bias="none",
@@ -69,7 +70,7 @@ def peft_copy(
         if short in spec.dims and hasattr(module, "lora_A"):
             module.lora_A["default"].weight.data.copy_(spec.init[short])
             module.lora_B["default"].weight.data.zero_()
-    params = [p for n, p in tuned.named_parameters() if "lora_" in n]
+    params: list[Tensor] = [p for n, p in tuned.named_parameters() if "lora_" in n]
     return train_steps(tuned, params, task, recipe, batch, label)
 
 

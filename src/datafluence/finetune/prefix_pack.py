@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,7 @@ def head_inputs(model: nn.Module) -> Iterator[list[Tensor]]:
     The caller projects only the positions it needs (`edge_log_probs`); the model's own
     [rows, width, vocabulary] logits are never formed.
     """
-    head = model.get_output_embeddings()
+    head: nn.Module = cast(Any, model).get_output_embeddings()
     seen: list[Tensor] = []
 
     def pre_hook(_module: nn.Module, args: tuple) -> tuple:
@@ -187,8 +188,8 @@ def edge_log_probs(
     machine's peak rate, then the logsumexp reads its 100 MB of logits back; on SmolLM2's
     head the tiles are 1.6x faster (`benchmarks/vocab_projection.py`, 2 cores).
     """
-    exact = torch.promote_types(head.weight.dtype, torch.float32)  # float64 stays float64
-    weight, bias = head.weight, head.bias
+    weight, bias = cast(Tensor, head.weight), cast(Tensor | None, head.bias)
+    exact = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
     out = hidden.new_empty(len(tokens), dtype=exact)
     for lo in range(0, len(hidden), rows):
         block = hidden[lo : lo + rows]

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+Optimizer = Literal["sgd", "adam", "adamw"]
+OPTIMIZERS: tuple[Optimizer, ...] = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class FinetuneRecipe:
 
     steps: int = 1
     lr: float = 1e-2
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Optimizer = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class Layer:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        return cast(nn.Parameter, self.module.weight)
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -131,22 +131,26 @@ class Layer:
         self._check_batch(x, batch_size)
         m = self.module
         if self.kind == "embedding":
+            emb = cast(nn.Embedding, m)
             idx = x.reshape(batch_size, -1).long()
-            if m.padding_idx is not None:
-                idx = torch.where(idx == m.padding_idx, torch.full_like(idx, -1), idx)
+            if emb.padding_idx is not None:
+                idx = torch.where(idx == emb.padding_idx, torch.full_like(idx, -1), idx)
             return idx
         if self.kind == "conv2d":
+            conv = cast(nn.Conv2d, m)
             if x.ndim != 4:
                 raise ValueError(
                     f"Conv2d {self.name!r} received input of shape {tuple(x.shape)}; "
                     "per-example gradients need batched [B, C, H, W] inputs"
                 )
-            padding = m.padding
-            if isinstance(padding, str) or m.padding_mode != "zeros":
-                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            padding: str | int | tuple[int, ...] = conv.padding
+            if isinstance(padding, str) or conv.padding_mode != "zeros":
+                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
                 padding = 0
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            a = F.unfold(
+                x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+            )
             a = a.transpose(1, 2)
         else:
             a = x.reshape(batch_size, -1, x.shape[-1])
@@ -321,7 +325,8 @@ def resolve_layers(model: nn.Module, modules: Modules = None) -> list[Layer]:
             )
     order = {n: i for i, n in enumerate(named)}
     return [
-        Layer(n, named[n], layer_kind(named[n]) or "") for n in sorted(chosen_set, key=order.get)
+        Layer(n, named[n], layer_kind(named[n]) or "")
+        for n in sorted(chosen_set, key=order.__getitem__)
     ]
 
 

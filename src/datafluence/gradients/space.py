@@ -73,7 +73,7 @@ class ParamSpace:
 
     def to_param_tensors(self, flat: Tensor) -> list[Tensor]:
         """One flat vector [P] -> tensors aligned with `parameters()` (in their dtype)."""
-        out = []
+        out: list[Tensor] = []
         for layer, block in zip(self.layers, torch.split(flat, self.sizes), strict=True):
             dtype = layer.weight.dtype
             out.extend(t.to(dtype) for t in layer.from_matrix(block.reshape(layer.shape)))

@@ -86,7 +86,7 @@ class Trainer:
     def __call__(self, model_factory: ModelFactory, train: Examples, seed: int) -> nn.Module:
         self.task.check(train, "training")
         model = init_model(model_factory, seed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         with eval_mode(model):

@@ -190,7 +190,7 @@ class Method(ABC):
                 examples = place(examples, device, role)
             if self.task is not None:
                 self.task.check(examples, role)
-                if device is not None:
+                if model is not None:
                     self.task.check_model(model, examples, role)
             checked[side] = examples
         _same_fields(checked)

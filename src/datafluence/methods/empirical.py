@@ -36,6 +36,7 @@ class EmpiricalInfluence(Method):
     """
 
     name = "empirical"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -61,7 +62,7 @@ class EmpiricalInfluence(Method):
 
     def score(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -75,6 +76,7 @@ class EmpiricalInfluence(Method):
         made under anything else are never reused.
         """
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: EIF fine-tunes the model
         train, queries = call.train, call.queries
         if groups is None:
             groups = [[i] for i in range(len(train))]
@@ -84,39 +86,38 @@ class EmpiricalInfluence(Method):
             _check_groups(groups, len(train))
             row_ids = tuple("+".join(train.ids[i] for i in g) for g in groups)
 
-        finetuner = None
-        engine_used = "naive"
+        # The batched engine, or the naive loop: the batched one hands over to the loop the
+        # first time the model fails under vmap (decided on the first chunk computed, so a
+        # resumed run pays nothing extra); both give the same numbers.
+        state: dict[str, Any] = {"finetuner": None, "used": "naive"}
         if self.engine == "batched":
             engine = LoRAFinetuner if self.recipe.lora_rank else BatchedFinetuner
-            finetuner = engine(model, self.task, self.recipe)
-            engine_used = engine.__name__
-            if engine is BatchedFinetuner and not _runs_under_vmap(finetuner, train, groups):
-                finetuner, engine_used = None, "naive (the model does not run under vmap)"
-        if finetuner is not None:
-            # the untouched model measured the way the copies will be: the same float32
-            # rounding on both sides of each difference
-            base = finetuner.measure(finetuner.unchanged(), queries, self.probe_chunk_size)[0]
-        else:  # the naive reference loop: the stock optimizer on a copy, one row at a time
-            base = measure(model, self.task, queries.tensors)
-        base = base.double()  # LM measurements are float64 sums: subtract before rounding
-        if not torch.isfinite(base).all():
-            raise FloatingPointError(
-                "the model's measurement of some probes is already non-finite before "
-                "fine-tuning; check the model and the probes"
-            )
+            state["finetuner"] = engine(model, self.task, self.recipe)
+            state["used"] = engine.__name__
+        state["base"] = self._base(model, state["finetuner"], queries)
 
         def compute(lo: int, hi: int) -> np.ndarray:
+            finetuner = state["finetuner"]
+            after = None
             if finetuner is not None:
-                params = finetuner.finetune(train, groups[lo:hi], row_ids[lo:hi])
-                after = finetuner.measure(params, queries, self.probe_chunk_size)
-            else:
+                try:
+                    params = finetuner.finetune(train, groups[lo:hi], row_ids[lo:hi])
+                except VMAP_ERRORS as err:
+                    if not isinstance(finetuner, BatchedFinetuner):
+                        raise
+                    _warn_fallback(err)
+                    state.update(finetuner=None, used="naive (the model does not run under vmap)")
+                    state["base"] = self._base(model, None, queries)
+                else:
+                    after = finetuner.measure(params, queries, self.probe_chunk_size)
+            if after is None:
                 rows = []
                 for i in range(lo, hi):
                     batch = train[groups[i]].tensors
                     tuned = finetune_copy(model, self.task, self.recipe, batch, row_ids[i])
                     rows.append(measure(tuned, self.task, queries.tensors))
                 after = torch.stack(rows)
-            delta = (after.double() - base[None, :]).float()
+            delta = (after.double() - state["base"][None, :]).float()
             bad = (~torch.isfinite(delta)).any(1).nonzero().flatten().tolist()
             if bad:
                 names = ", ".join(row_ids[lo + i] for i in bad[:5])
@@ -129,10 +130,25 @@ class EmpiricalInfluence(Method):
         values = call.table(
             len(groups), len(queries), compute, key={"rows": list(row_ids), "groups": groups}
         )
-        return call.finish(values, row_ids, queries.ids, settings={"engine_used": engine_used})
+        return call.finish(values, row_ids, queries.ids, settings={"engine_used": state["used"]})
+
+    def _base(self, model: nn.Module, finetuner: Any, queries: Any) -> torch.Tensor:
+        """The untouched model's measurements, taken the way the copies will be measured
+        (the same float32 rounding on both sides of each difference), in float64: LM
+        measurements are float64 sums, subtracted before rounding."""
+        if finetuner is not None:
+            base = finetuner.measure(finetuner.unchanged(), queries, self.probe_chunk_size)[0]
+        else:
+            base = measure(model, self.task, queries.tensors)
+        if not torch.isfinite(base).all():
+            raise FloatingPointError(
+                "the model's measurement of some probes is already non-finite before "
+                "fine-tuning; check the model and the probes"
+            )
+        return base.double()
 
 
-def _check_groups(groups: list[list[int]], n: int) -> None:
+def _check_groups(groups: Sequence[Sequence[int]], n: int) -> None:
     if not groups:
         raise ValueError("groups is empty; give at least one group of training indices")
     for g in groups:
@@ -143,22 +159,17 @@ def _check_groups(groups: list[list[int]], n: int) -> None:
             raise ValueError(f"group indices {bad} are outside the training set (0..{n - 1})")
 
 
-def _runs_under_vmap(finetuner: BatchedFinetuner, train: Any, groups: list[list[int]]) -> bool:
-    """Whether the batched engine can fine-tune this model: one step on the first group,
-    tried once per call. Models with data-dependent control flow, `.item()`, `nonzero` or
-    in-place buffer updates fail under vmap; EIF then runs the naive loop (the same numbers,
-    slower) and says so in one warning."""
-    try:
-        finetuner.finetune(train, groups[:1], ("probe",))
-    except FloatingPointError:
-        return True  # the engine runs; the loop will name the example that diverges
-    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"EIF: the model does not run under torch.func.vmap ({first}); fine-tuning one "
-            "copy at a time with the naive engine instead (the same numbers, slower)",
-            UserWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
+#: what a model that cannot run under torch.func.vmap raises there
+VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
+
+
+def _warn_fallback(err: BaseException) -> None:
+    """One line: why the batched engine cannot run this model, and what runs instead."""
+    text = str(err).strip()
+    first = text.splitlines()[0][:160] if text else type(err).__name__
+    warnings.warn(
+        f"EIF: the model does not run under torch.func.vmap ({first}); fine-tuning one copy "
+        "at a time with the naive engine instead (the same numbers, slower)",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -9,7 +9,7 @@ factors when that is cheaper than building per-example weight gradients.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ class GradientSimilarity(Method):
     """
 
     name = "gradient_similarity"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class GradientSimilarity(Method):
 
     def score(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -84,6 +85,7 @@ class GradientSimilarity(Method):
     ) -> Scores:
         """Scores [n_train, n_query] (+ parts["per_layer"], which sum to the values)."""
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: gradients need the model
         train, queries = call.train, call.queries
         space = self.space(model)
         factors = all_factors(model, self.task, queries, space, "measure", self.chunk_size)
@@ -130,5 +132,9 @@ class GradientSimilarity(Method):
     def _norms(self, space: ParamSpace, factors: Factors, query: dict[str, QueryBlock]) -> Tensor:
         """Each query gradient's norm (of its projection, when projecting)."""
         if self.projector is not None:
-            return sum(q.dense.pow(2).sum(1) for q in query.values()).sqrt()  # type: ignore[union-attr]
-        return sum(squared_norms(space.by_name[n], a, g) for n, (a, g) in factors.items()).sqrt()
+            # projected queries are dense
+            squares = (cast(Tensor, q.dense).pow(2).sum(1) for q in query.values())
+            return cast(Tensor, sum(squares)).sqrt()
+        return cast(
+            Tensor, sum(squared_norms(space.by_name[n], a, g) for n, (a, g) in factors.items())
+        ).sqrt()

@@ -62,6 +62,7 @@ class InfluenceFunction(Method):
     """
 
     name = "influence"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -101,7 +102,7 @@ class InfluenceFunction(Method):
         return self._fitted_on is not None
 
     def fit(
-        self, model: nn.Module, train: Any, *, run: Run = None, overwrite: bool = False
+        self, model: nn.Module | None, train: Any, *, run: Run = None, overwrite: bool = False
     ) -> InfluenceFunction:
         """Fit the curvature on the training set; with `run`, reuse or save it there."""
         call = self.begin(model, run, train=train)
@@ -113,6 +114,7 @@ class InfluenceFunction(Method):
         assert model is not None
         ctx = self._context(model, train)
         model_fp = call.model_fp
+        assert model_fp is not None  # there is a model
         settings = {**self.settings(), "train": store.examples_fingerprint(train)}
         directory = None if call.run is None else call.run.path / "curvature"
         if directory is not None and persist.exists(directory) and not overwrite:
@@ -127,7 +129,7 @@ class InfluenceFunction(Method):
 
     def score(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -137,13 +139,14 @@ class InfluenceFunction(Method):
         """Scores [n_train, n_query]; parts["per_layer"] [n_layers, n_train, n_query] sum to
         the values exactly. Fits the curvature first if `fit` was not called."""
         call = self._prepare(model, run, train=train, queries=queries)
-        space = self._space(call.model)
+        assert model is not None  # begin() refuses None (it is call.model)
+        space = self._space(model)
         train, queries = call.train, call.queries
-        query = self._lazy_query_side(call.model, queries, space)
+        query = self._lazy_query_side(model, queries, space)
 
         def compute(lo: int, hi: int) -> Tensor:
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
-            factors = gradient_factors(call.model, self.task, batch, space, "loss")
+            factors = gradient_factors(model, self.task, batch, space, "loss")
             blocks = query()
             return -torch.stack(
                 [
@@ -165,7 +168,7 @@ class InfluenceFunction(Method):
 
     def token_scores(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -187,15 +190,16 @@ class InfluenceFunction(Method):
         """
         check_token_layers(self._space(model))
         call = self._prepare(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None (it is call.model)
         train, queries = call.train, call.queries
         width = token_width(train)
-        space = self._space(call.model)
-        query = self._lazy_query_side(call.model, queries, space)
+        space = self._space(model)
+        query = self._lazy_query_side(model, queries, space)
 
         def compute(lo: int, hi: int) -> Tensor:
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
             with count_calls(space) as calls:
-                factors = gradient_factors(call.model, self.task, batch, space, "loss")
+                factors = gradient_factors(model, self.task, batch, space, "loss")
             fed = token_count(space, factors, calls, width)
             blocks = query()
             first = factors[space.layers[0].name][1]
@@ -218,7 +222,7 @@ class InfluenceFunction(Method):
         assert parts is not None
         return self._scores(call, values, {"per_token": parts}, space)
 
-    def self_score(self, model: nn.Module, train: Any, *, run: Run = None) -> Scores:
+    def self_score(self, model: nn.Module | None, train: Any, *, run: Run = None) -> Scores:
         """Self-influence score(i, i) for every training example: Scores [n_train, 1].
 
         For classification (m = −L) it is ∇L_iᵀ (G + λI)⁻¹ ∇L_i ≥ 0: how much an example
@@ -226,13 +230,14 @@ class InfluenceFunction(Method):
         each example's own gradients (never the n x n matrix); resumable with `run`.
         """
         call = self._prepare(model, run, train=train)
+        assert model is not None  # begin() refuses None (it is call.model)
         train = call.train
-        space = self._space(call.model)
+        space = self._space(model)
 
         def compute(lo: int, hi: int) -> Tensor:
             batch = {k: v[lo:hi] for k, v in train.tensors.items()}
-            loss = gradient_factors(call.model, self.task, batch, space, "loss")
-            meas = gradient_factors(call.model, self.task, batch, space, "measure")
+            loss = gradient_factors(model, self.task, batch, space, "loss")
+            meas = gradient_factors(model, self.task, batch, space, "measure")
             total = torch.zeros(hi - lo, dtype=torch.float64)
             rest = []  # layers the strategy cannot pair from factors: solve their gradients
             for layer in space.layers:
@@ -258,7 +263,7 @@ class InfluenceFunction(Method):
 
     # -- internals --
 
-    def _prepare(self, model: nn.Module, run: Run, **sets: Any) -> Call:
+    def _prepare(self, model: nn.Module | None, run: Run, **sets: Any) -> Call:
         """The shared preparation, then the curvature fitted if it is not yet: what every
         scoring pass does."""
         call = self.begin(model, run, **sets)

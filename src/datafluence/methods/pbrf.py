@@ -85,6 +85,7 @@ class PBRF(Method):
     """
 
     name = "pbrf"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -168,7 +169,7 @@ class PBRF(Method):
 
     def score(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -183,6 +184,7 @@ class PBRF(Method):
         `settings["solver"]`.
         """
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: PBRF moves the model
         train, queries = call.train, call.queries
         index = _resolve_rows(rows, train)
         eps = self.epsilon_for(len(train))
@@ -197,11 +199,12 @@ class PBRF(Method):
         )
 
     def self_score(
-        self, model: nn.Module, train: Any, *, rows: Rows = None, run: Run = None
+        self, model: nn.Module | None, train: Any, *, rows: Rows = None, run: Run = None
     ) -> Scores:
         """Each training example's PBRF score on itself (the Bregman term over the whole
         training set, as in `score`): Scores [len(rows), 1]."""
         call = self.begin(model, run, train=train)
+        assert model is not None  # begin() refuses None: PBRF moves the model
         train = call.train
         index = _resolve_rows(rows, train)
         eps = self.epsilon_for(len(train))
@@ -413,6 +416,7 @@ class _Problem:
     def precondition(self, v: Tensor) -> Tensor:
         """The preconditioner applied to a flat vector in parameter order."""
         pre = self.method.preconditioner
+        assert pre is not None  # `solve` passes this method only when there is one
         solve = pre.solve if callable(getattr(pre, "solve", None)) else pre
         parts = [
             p.reshape(b.shape) for p, b in zip(torch.split(v, self.sizes), self.base, strict=True)

@@ -80,7 +80,9 @@ class PromptedInfluence(Method):
 
     def prefix_ids(self, context: str) -> list[int]:
         head = self.template.split("{prompt}")[0].format(context=context)
-        return [self.task.start_id, *self._tokens(head)]
+        start = self.task.start_id
+        assert start is not None  # __init__ refuses a tokenizer without one
+        return [start, *self._tokens(head)]
 
     def rests(self, queries: Examples) -> list[tuple[list[int], int]]:
         """Per query: the tokens after the prefix, and where its completion starts in them."""
@@ -94,10 +96,13 @@ class PromptedInfluence(Method):
             out.append((head + tail, len(head)))
         return out
 
-    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
+    def score(
+        self, model: nn.Module | None, train: Any, queries: Any, *, run: Run = None
+    ) -> Scores:
         """Scores [n_train, n_query]: the change in each query's log-probability when the
         training text is placed in front of its prompt."""
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: the model is measured
         train, queries = call.train, call.queries
         contexts = [_as_text(item) for item in _items(train, "training examples")]
         device = next(model.parameters()).device

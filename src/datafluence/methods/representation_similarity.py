@@ -40,6 +40,7 @@ class RepresentationSimilarity(Method):
     see `models.defaults.default_representation_layer`)."""
 
     name = "representation_similarity"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -136,10 +137,13 @@ class RepresentationSimilarity(Method):
         count = weights.sum(dim=1, keepdim=True).clamp(min=1)
         return (h * weights[..., None]).sum(dim=1) / count
 
-    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
+    def score(
+        self, model: nn.Module | None, train: Any, queries: Any, *, run: Run = None
+    ) -> Scores:
         """Scores [n_train, n_query]; with `run`, rows are saved as they finish and a re-run
         computes only the missing ones."""
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: activations need the model
         train = call.train
         b = self.features(model, call.queries)  # cheap (one forward pass) and names the dim
         if self.kind == "cosine":

@@ -51,6 +51,7 @@ class TracInCP(Method):
     """
 
     name = "tracin"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -109,7 +110,7 @@ class TracInCP(Method):
 
     def score(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         train: Any,
         queries: Any,
         *,
@@ -121,6 +122,7 @@ class TracInCP(Method):
         With `run`, each checkpoint's rows are saved as they finish and a re-run resumes.
         """
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: TracIn reads the model
         values: np.ndarray | None = None
         parts: np.ndarray | None = None
         fingerprints = []
@@ -141,7 +143,7 @@ class TracInCP(Method):
             parts={} if parts is None else {"per_layer": parts.astype(np.float32)},
         )
 
-    def self_score(self, model: nn.Module, train: Any, *, run: Run = None) -> Scores:
+    def self_score(self, model: nn.Module | None, train: Any, *, run: Run = None) -> Scores:
         """Self-influence score(i, i) for every training example: Scores [n_train, 1].
 
         For m = −L it is Σ_k η_k |∇L_i(θ_k)|², the learning-rate weighted squared gradient
@@ -150,6 +152,7 @@ class TracInCP(Method):
         `score(model, train, train)` (projection included) without the n x n matrix.
         """
         call = self.begin(model, run, train=train)
+        assert model is not None  # begin() refuses None: TracIn reads the model
         examples = call.train
         total = np.zeros((len(examples), 1))
         for checkpoint, lr in zip(self.checkpoints, self.learning_rates, strict=True):

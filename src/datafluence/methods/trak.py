@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -149,6 +149,7 @@ class TRAK(Method):
     """
 
     name = "trak"
+    task: Task  # never None: the constructor takes one
 
     def __init__(
         self,
@@ -167,9 +168,8 @@ class TRAK(Method):
         super().__init__(task, chunk_size=chunk_size, progress=progress, seed=seed)
         if isinstance(damping, Mapping):
             raise TypeError("TRAK takes one damping number (its kernel is not split by layer)")
-        self.damping, self.damping_factor = check_damping(  # type: ignore[assignment]
-            damping, damping_factor, allow_zero=True
-        )
+        checked, self.damping_factor = check_damping(damping, damping_factor, allow_zero=True)
+        self.damping = cast("float | None", checked)  # a Mapping was refused above
         check_supported(task)
         self.checkpoints = check_checkpoints(checkpoints)
         self.projector = (
@@ -199,13 +199,14 @@ class TRAK(Method):
 
     # -- fitting: training features and kernels --
 
-    def fit(self, model: nn.Module, train: Any, *, run: Run = None) -> TRAK:
+    def fit(self, model: nn.Module | None, train: Any, *, run: Run = None) -> TRAK:
         """Training features Φ_m (Φ_mᵀΦ_m + λ_m I)⁻¹ and Q for every checkpoint.
 
         With `run`, each checkpoint's Φ_m and Q_m are saved there as they finish (among the
         run's partitions, so `drop_partitions` frees them) and reused by a re-run.
         """
         call = self.begin(model, run, train=train)
+        assert model is not None  # begin() refuses None: TRAK reads the model
         train = call.train
         if self.projector is not None and self.projector.dim >= len(train):
             warnings.warn(
@@ -289,12 +290,18 @@ class TRAK(Method):
             if proj is None:
                 feats.append(space.flatten(grads))
             else:
-                feats.append(sum(proj.project(f"checkpoint{m}/{n}", v) for n, v in grads.items()))
+                feats.append(
+                    cast(
+                        Tensor, sum(proj.project(f"checkpoint{m}/{n}", v) for n, v in grads.items())
+                    )
+                )
         return torch.cat(feats).detach(), torch.cat(qs)
 
     # -- scoring --
 
-    def score(self, model: nn.Module, train: Any, queries: Any, *, run: Run = None) -> Scores:
+    def score(
+        self, model: nn.Module | None, train: Any, queries: Any, *, run: Run = None
+    ) -> Scores:
         """Scores [n_train, n_query]; fits on `train` first if `fit` was not called.
 
         After fit, `train` may be the fitted set or a subset of it (matched by id), e.g. a
@@ -302,6 +309,7 @@ class TRAK(Method):
         are saved as they finish and a re-run computes only what is missing.
         """
         call = self.begin(model, run, train=train, queries=queries)
+        assert model is not None  # begin() refuses None: TRAK reads the model
         train, queries = call.train, call.queries
         if self._fitted is None:
             self.fit(model, train, run=call.run)

@@ -49,8 +49,8 @@ def logic_checks(scores: Scores, checks: Mapping[str, Mapping[str, Any]]) -> dic
         rows = [i for i, r in enumerate(scores.train_ids) if r != CONTROL_ID]
         out["leakage_mean"] = float(np.mean(scores.values[rows, j]))
         out["leakage_max_abs"] = float(np.max(np.abs(scores.values[rows, j])))
-        own = scores.values[[i for i in rows if scores.train_ids[i] in scores.query_ids]]
-        scale = float(np.mean(np.abs(own))) if own.size else float("nan")
+        own_rows = scores.values[[i for i in rows if scores.train_ids[i] in scores.query_ids]]
+        scale = float(np.mean(np.abs(own_rows))) if own_rows.size else float("nan")
         out["leakage_relative"] = out["leakage_mean"] / scale if scale > 1e-12 else float("nan")
     return out
 

@@ -79,7 +79,7 @@ def check_checkpoints(
         return [None]
     if isinstance(checkpoints, Mapping | str | Path):
         raise TypeError("give checkpoints as a list (of state dicts or paths)")
-    out = list(checkpoints)
+    out: list[Checkpoint | None] = list(checkpoints)
     if not out:
         raise ValueError("give at least one checkpoint (or None for the model's own weights)")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -151,7 +152,12 @@ def plot_histograms(values: Mapping[str, np.ndarray], path: str | Path, title: s
     hi = max(v.max() for v in flat.values())
     bins = np.linspace(lo, hi, 50) if hi > lo else 10
     for name, v in flat.items():
-        ax.hist(v, bins=bins, alpha=0.55, label=f"{name} ({np.mean(v < 0):.0%} < 0)")
+        ax.hist(
+            v,
+            bins=cast("Sequence[float] | int", bins),
+            alpha=0.55,
+            label=f"{name} ({np.mean(v < 0):.0%} < 0)",
+        )
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel("EIF (Δ log p)")
     ax.set_ylabel("count")

@@ -83,6 +83,7 @@ def ridge_path(
             out[:, :, :, zs] = sols.reshape(len(lams), m, p, n).transpose(0, 2, 3, 1)
         else:
             outer = sum(wp.T[:, :, None] * wp.T[:, None, :] for wp in w)  # [m, rows, rows]
+            assert xxt is not None  # the dual solver computed it above
             kernel = outer * xxt[None]
             del outer
             alphas = _solve_path(kernel, yz.T, lams)  # [n_lams, m, rows]

@@ -84,11 +84,11 @@ def random_curricula(
 
 def remove(
     curricula: np.ndarray,
-    group: Sequence[int],
+    group: Sequence[int] | np.ndarray,
     n_pool: int,
     *,
     seed: int = 0,
-    candidates: Sequence[int] | None = None,
+    candidates: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Every occurrence of the group replaced by a uniform draw from the rest of the pool.
 
@@ -132,17 +132,17 @@ def duplicate(curricula: np.ndarray, example: int, k: int, *, seed: int = 0) -> 
     return out.reshape(c.shape) if np.ndim(curricula) == 3 else out[0]
 
 
-def put_first(curricula: np.ndarray, group: Sequence[int]) -> np.ndarray:
+def put_first(curricula: np.ndarray, group: Sequence[int] | np.ndarray) -> np.ndarray:
     """Every occurrence of the group moved to the start of its run (others keep their order)."""
     return _move(curricula, group, first=True)
 
 
-def put_last(curricula: np.ndarray, group: Sequence[int]) -> np.ndarray:
+def put_last(curricula: np.ndarray, group: Sequence[int] | np.ndarray) -> np.ndarray:
     """Every occurrence of the group moved to the end of its run (others keep their order)."""
     return _move(curricula, group, first=False)
 
 
-def _move(curricula: np.ndarray, group: Sequence[int], first: bool) -> np.ndarray:
+def _move(curricula: np.ndarray, group: Sequence[int] | np.ndarray, first: bool) -> np.ndarray:
     c = _as_curricula(curricula)
     g = _group(group)
     flat = c.reshape(c.shape[0], -1)
@@ -171,7 +171,7 @@ def _as_curricula(curricula: np.ndarray, n_pool: int | None = None) -> np.ndarra
     return c if c.ndim == 3 else c[None]
 
 
-def _group(group: Sequence[int], n_pool: int | None = None) -> np.ndarray:
+def _group(group: Sequence[int] | np.ndarray, n_pool: int | None = None) -> np.ndarray:
     g = np.unique(np.asarray(group, dtype=np.int64).reshape(-1))
     if g.size == 0:
         raise ValueError("the group is empty; name at least one pool position")

@@ -55,7 +55,7 @@ class RunLogger:
         self.every = every
         self.chunk_size = chunk_size
         self.pool_ids = None if pool_ids is None else tuple(str(i) for i in pool_ids)
-        self._index = None if pool_ids is None else {p: i for i, p in enumerate(self.pool_ids)}
+        self._index = None if self.pool_ids is None else {p: i for i, p in enumerate(self.pool_ids)}
         self._on_device: tuple[torch.device, Examples] | None = None
         self._pending: deque[list[Any]] = deque()
         self._batches: list[np.ndarray] | None = None

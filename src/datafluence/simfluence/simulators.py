@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, cast
 
 import numpy as np
 import pandas as pd
@@ -69,7 +69,11 @@ class Simulator:
         refit: bool = True,
         max_bytes: int = 2**28,
     ) -> None:
-        lams = (float(lam),) if np.ndim(lam) == 0 else tuple(float(v) for v in lam)  # type: ignore[arg-type]
+        lams = (
+            (float(cast(float, lam)),)
+            if np.ndim(lam) == 0
+            else tuple(float(v) for v in cast(Sequence[float], lam))
+        )
         if not lams or any(not np.isfinite(v) or v <= 0 for v in lams):
             raise ValueError(
                 f"lam must be a positive number or a non-empty grid of them, got {lam}"
@@ -131,6 +135,7 @@ class Simulator:
         )
         thetas, solver = self._solve(c, loss, self.lams)
         if vc is not None:
+            assert vl is not None  # `_validation` gives both or neither
             mses = [
                 float(all_steps_mse(self._rollout(*self._unpack(th), vc, vl[:, 0]), vl).mean())
                 for th in thetas

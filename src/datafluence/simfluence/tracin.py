@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from datafluence import store
@@ -72,8 +72,12 @@ def gradient_dots(
     out = np.empty((len(pool), len(test)))
     for lo, hi, batch in chunks(pool, chunk_size):
         factors = gradient_factors(model, task, batch, space)
-        total = sum(
-            layer_dots(layer, *factors[layer.name], queries[layer.name]) for layer in space.layers
+        total = cast(
+            Tensor,
+            sum(
+                layer_dots(layer, *factors[layer.name], queries[layer.name])
+                for layer in space.layers
+            ),
         )
         out[lo:hi] = total.double().numpy()
     return out

@@ -74,7 +74,9 @@ class TermMatrix:
     def transform(self, texts: Iterable[str]) -> sp.csr_matrix:
         """Counts [n_texts, n_terms] (CSR, float64); unknown terms are dropped."""
         vocab = self.vocabulary
-        indptr, indices, data = [0], [], []
+        indptr: list[int] = [0]
+        indices: list[int] = []
+        data: list[int] = []
         for text in texts:
             counts = Counter(t for t in terms(text, self.ngram) if t in vocab)
             indices.extend(vocab[t] for t in counts)
