@@ -41,6 +41,7 @@ from datafluence import distributed, progress, store
 from datafluence.data import examples as data_examples
 from datafluence.gradients.space import ParamSpace
 from datafluence.models.defaults import default_modules
+from datafluence.progress import check_progress
 from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import Examples, Task
@@ -109,7 +110,7 @@ class Method(ABC):
     ) -> None:
         self.task = task
         self.chunk_size = check_chunk_size(chunk_size)
-        self.progress = progress_flag(progress)
+        self.progress = check_progress(progress)
         self.seed = check_seed(seed)
 
     # -- the contract --
@@ -206,10 +207,6 @@ def _same_fields(sets: Mapping[str, Examples]) -> None:
             f"the training and query examples hold different fields ({shown}); give both "
             "sides the same keys"
         )
-
-
-def progress_flag(value: Any) -> bool:
-    return progress.check_progress(value)
 
 
 @dataclass
