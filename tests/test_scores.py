@@ -199,3 +199,13 @@ def test_mmap_load(tmp_path):
     assert loaded.top(1, "q1")["train"].tolist() == ["b"]
     eager = Scores.load(tmp_path)
     assert eager.values.flags.writeable and not isinstance(eager.values.base, np.memmap)
+
+
+def test_bottom_lists_the_strongest_opponents_and_nan_ranks_last():
+    values = np.array([[0.5], [-2.0], [np.nan], [-1.0], [3.0]])
+    s = Scores(values, list("abcde"), ["q"], method="t")
+    assert s.bottom(3)["train"].tolist() == ["b", "d", "a"]
+    assert s.bottom(3)["score"].tolist() == pytest.approx([-2.0, -1.0, 0.5])
+    pd.testing.assert_frame_equal(s.bottom(2, query="q"), s.top(2, query=0, ascending=True))
+    assert s.top(5)["train"].tolist() == ["e", "a", "d", "b", "c"]  # NaN last both ways
+    assert s.bottom(5)["train"].tolist()[-1] == "c"

@@ -90,11 +90,13 @@ def show(run: str, query: str | None, k: int) -> None:
         if isinstance(q, str) and q.lstrip("-").isdigit() and q not in scores.query_ids:
             q = int(q)
         try:
-            top = scores.top(k, q)
+            top, bottom = scores.top(k, q), scores.bottom(k, q)
         except (KeyError, IndexError) as err:
             raise click.ClickException(str(err)) from err
         click.echo(f"top {k} training examples for query {top['query'].iloc[0]!r}")
         click.echo(_indent(top[["rank", "train", "score"]].to_string(index=False)))
+        click.echo(f"strongest {k} opponents (most negative first)")
+        click.echo(_indent(bottom[["rank", "train", "score"]].to_string(index=False)))
 
 
 def _show_subsets(run: str) -> bool:

@@ -71,8 +71,12 @@ class Scores:
         """One query's scores over all training examples, by id or position."""
         return self.values[:, self._query_index(query)]
 
-    def top(self, k: int = 10, query: str | int | None = None) -> pd.DataFrame:
-        """The k most supportive training examples per query (or for one query), best first."""
+    def top(
+        self, k: int = 10, query: str | int | None = None, ascending: bool = False
+    ) -> pd.DataFrame:
+        """The k most supportive training examples per query (or for one query), best first;
+        `ascending=True` gives the strongest opponents instead (`bottom`). Ties keep row
+        order; NaN ("not computed", e.g. outside a pre-filter) always ranks last."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         columns = range(len(self.query_ids)) if query is None else [self._query_index(query)]
@@ -80,7 +84,7 @@ class Scores:
         rows = []
         for j in columns:
             col = self.values[:, j]
-            order = np.argsort(-col, kind="stable")[:k]
+            order = np.argsort(col if ascending else -col, kind="stable")[:k]
             for rank, i in enumerate(order, start=1):
                 rows.append(
                     {
@@ -91,6 +95,11 @@ class Scores:
                     }
                 )
         return pd.DataFrame(rows, columns=["query", "rank", "train", "score"])
+
+    def bottom(self, k: int = 10, query: str | int | None = None) -> pd.DataFrame:
+        """The k strongest opponents per query (most negative first): the training examples
+        whose learning makes the query least likely."""
+        return self.top(k, query, ascending=True)
 
     def to_pandas(self) -> pd.DataFrame:
         """The matrix as a DataFrame: index = training ids, columns = query ids."""

@@ -156,8 +156,9 @@ def test_show_summarises_a_run(env):
     assert f"{N_DIGITS} train x {N_DIGITS} queries" in result.output
     first_query = Scores.load(env["run"]).query_ids[0]
     assert f"top 5 training examples for query {first_query!r}" in result.output
-    top_lines = result.output.split("training examples for query")[1].splitlines()[2:]
+    top_lines = result.output.split("training examples for query")[1].splitlines()[2:7]
     assert [line.split()[0] for line in top_lines] == ["1", "2", "3", "4", "5"]
+    assert "strongest 5 opponents (most negative first)" in result.output
 
 
 def test_show_one_query(env):
@@ -166,9 +167,12 @@ def test_show_one_query(env):
     result = invoke(["show", str(env["run"]), "--query", query, "-k", "3"])
     assert result.exit_code == 0, result.output
     assert f"top 3 training examples for query {query!r}" in result.output
+    lines = result.output.splitlines()
+    at = lines.index("strongest 3 opponents (most negative first)")
     best = scores.top(3, query)["train"].tolist()
-    listed = [line.split()[1] for line in result.output.splitlines()[-3:]]
-    assert listed == best
+    assert [line.split()[1] for line in lines[at - 3 : at]] == best
+    worst = scores.bottom(3, query)["train"].tolist()
+    assert [line.split()[1] for line in lines[at + 2 : at + 5]] == worst
 
     by_position = invoke(["show", str(env["run"]), "--query", "7", "-k", "3"])
     assert by_position.exit_code == 0, by_position.output
