@@ -373,3 +373,27 @@ def test_damping_factor_scales_the_mean_eigenvalue_and_absolute_damping_is_used_
         assert tripled[block] == pytest.approx(3 * lam, rel=1e-12)
     absolute = fitted(name, model, task, train, damping=0.0125).lambdas
     assert set(absolute.values()) == {0.0125}
+
+
+class DeadBranch(nn.Module):
+    """A layer whose output is multiplied by zero: its gradients vanish, its inputs do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.live = nn.Linear(3, 3).double()
+        self.dead = nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.live(x) + 0.0 * self.dead(x)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "diagonal"])
+def test_a_layer_with_zero_gradients_warns_and_never_stops_the_fit(name):
+    model = DeadBranch()
+    task, train = data()
+    with pytest.warns(UserWarning, match="'dead' has zero curvature"):
+        curvature = fitted(name, model, task, train)
+    assert curvature.lambdas["dead"] == 1.0 and curvature.lambdas["live"] > 0
+    alone = fitted(name, model, task, train, modules=["live"])
+    assert alone.lambdas["live"] == pytest.approx(curvature.lambdas["live"])

@@ -18,6 +18,7 @@ With neither, a method uses its default factor (influence functions and PBRF: 0.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +81,17 @@ def resolve(
             f"the mean eigenvalue of the curvature of {block!r} is {mean_eigenvalue}; the "
             "statistics are broken (NaN/Inf gradients?) - check the model and data"
         )
+    if mean_eigenvalue == 0 and block != "*":
+        # A layer whose gradients are all zero (a fresh LoRA A, a frozen or unused branch)
+        # adds nothing to any score, whatever its λ: the fit of the other layers goes on.
+        warnings.warn(
+            f"layer {block!r} has zero curvature (its gradients are all zero: a fresh LoRA "
+            "adapter's A, a frozen or unused layer); it contributes nothing to the scores and "
+            "is damped with λ = 1; leave it out of `modules` to skip it",
+            UserWarning,
+            stacklevel=2,
+        )
+        return 1.0
     if mean_eigenvalue <= 0:
         raise ValueError(
             f"the curvature of {block!r} has mean eigenvalue {mean_eigenvalue:.3g} ≤ 0, so the "
