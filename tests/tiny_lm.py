@@ -93,3 +93,26 @@ def gpt2(tokenizer) -> Any:
         pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def char_gpt2(n_layer: int = 1, seed: int = 0) -> Any:
+    """A randomly initialised float64 GPT-2 (8-wide, 2 heads) for `CharTokenizer`, in eval
+    mode (so its dropout settings never act)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=len(CharTokenizer()),
+        n_positions=16,
+        n_embd=8,
+        n_layer=n_layer,
+        n_head=2,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).double().eval()

@@ -23,8 +23,8 @@ from datafluence.scores import Scores
 from datafluence.store import RunDir
 from datafluence.tasks import CausalLMTask, ClassificationTask
 
-transformers = pytest.importorskip("transformers")
-from tiny_lm import CharTokenizer  # noqa: E402
+pytest.importorskip("transformers")
+from tiny_lm import CharTokenizer, char_gpt2  # noqa: E402
 
 N_TRAIN, N_QUERY, CHUNK = 6, 3, 2  # three chunks of training rows
 TEXTS = [("ab", "cd"), ("ba", "dc e"), "abc", ("h", "gg"), "fade", ("e", "a")]
@@ -45,21 +45,7 @@ def classifier_setup():
 
 
 def lm_setup():
-    config = transformers.GPT2Config(
-        vocab_size=len(CharTokenizer()),
-        n_positions=16,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        attn_pdrop=0.0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = char_gpt2()
     task = CausalLMTask(CharTokenizer())
     train = task.examples(TEXTS, ids=[f"t{i}" for i in range(N_TRAIN)])
     queries = task.examples(QUERIES, ids=[f"q{j}" for j in range(N_QUERY)])

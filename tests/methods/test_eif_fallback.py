@@ -61,16 +61,10 @@ def test_a_model_vmap_can_run_keeps_the_batched_engine_and_warns_nothing():
 
 
 def test_a_hugging_face_causal_lm_fine_tunes_in_full_through_the_fallback():
-    transformers = pytest.importorskip("transformers")
-    from tiny_lm import CharTokenizer
+    pytest.importorskip("transformers")
+    from tiny_lm import CharTokenizer, char_gpt2
 
-    config = transformers.GPT2Config(
-        vocab_size=len(CharTokenizer()), n_positions=16, n_embd=8, n_layer=1, n_head=2,
-        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=1,
-        pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = char_gpt2()
     task = dfl.CausalLMTask(CharTokenizer())
     train, queries = task.examples(["abc", ("ab", " cd"), "fade"]), task.examples(["bad", "cab"])
     options = {"lr": 1e-2, "progress": False}

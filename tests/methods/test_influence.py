@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 import torch
-from tiny_lm import CharTokenizer
+from tiny_lm import CharTokenizer, char_gpt2
 from torch import Tensor, nn
 
 from datafluence.curvature import FactorMismatchError
@@ -298,21 +298,7 @@ def tiny_lm():
     transformers.utils.logging.set_verbosity_error()
     from datafluence.tasks import CausalLMTask
 
-    config = transformers.GPT2Config(
-        vocab_size=11,
-        n_positions=16,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        attn_pdrop=0.0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = char_gpt2()
     task = CausalLMTask(CharTokenizer())
     train = task.examples([("ab", "cd"), ("ba", "dc e"), "abc", ("h", "gg"), "fade", ("e", "a")])
     queries = task.examples([("ab", "c"), "bad"], ids=["q0", "q1"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_lm import CharTokenizer
+from tiny_lm import CharTokenizer, char_gpt2
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -157,18 +157,7 @@ def test_language_model_output_is_the_summed_token_margin():
     transformers.utils.logging.set_verbosity_error()
     from datafluence.tasks import CausalLMTask
 
-    config = transformers.GPT2Config(
-        vocab_size=11,
-        n_positions=16,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = char_gpt2()
     task = CausalLMTask(CharTokenizer())
     train = task.examples([("ab", "cd"), "abc", ("h", "ggd")])
     queries = task.examples([("ab", "c"), "bad"], ids=["q0", "q1"])
