@@ -130,8 +130,8 @@ class Method(ABC):
         return True
 
     def fit(self, model: nn.Module | None, train: Any, *, run: Run = None) -> Method:
-        """Fit what the method needs from the training set (nothing by default)."""
-        self.begin(model, run, train=train)
+        """Fit what the method needs from the training set: nothing by default (its inputs
+        are checked when it scores, once)."""
         return self
 
     @abstractmethod
